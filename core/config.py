@@ -1,0 +1,130 @@
+"""The daemon's configuration: one pydantic model, read from a JSON file whose keys are
+those of Docker's ``daemon.json`` where the meaning is the same, overridden by flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG_FILE = Path("/etc/pallet/daemon.json")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the source, key and reason."""
+
+
+class Runtime(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    runtimeArgs: list[str] = Field(default_factory=list)  # noqa: N815 - Docker's key
+
+
+class DaemonConfig(BaseModel):
+    """Keys as in ``daemon.json``; Python names are the snake_case of the JSON keys."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    data_root: Path = Field(Path("/var/lib/pallet"), alias="data-root")
+    exec_root: Path = Field(Path("/run/pallet"), alias="exec-root")
+    hosts: list[str] = Field(default_factory=lambda: ["unix:///run/pallet.sock"])
+    socket_mode: int = Field(0o660, alias="socket-mode", ge=0, le=0o777)
+    group: str | None = None
+    storage_driver: str | None = Field(None, alias="storage-driver")
+    storage_opts: list[str] = Field(default_factory=list, alias="storage-opts")
+    default_runtime: str = Field("native", alias="default-runtime")
+    runtimes: dict[str, Runtime] = Field(default_factory=dict)
+    log_level: Literal["debug", "info", "warn", "error", "fatal"] = Field(
+        "info", alias="log-level"
+    )
+    live_restore: bool = Field(True, alias="live-restore")
+    bip: str | None = None
+    iptables: bool = True
+    insecure_registries: list[str] = Field(default_factory=list, alias="insecure-registries")
+    registry_mirrors: list[str] = Field(default_factory=list, alias="registry-mirrors")
+    disabled_plugins: list[str] = Field(default_factory=list, alias="disabled-plugins")
+    debug: bool = False
+
+    @field_validator("data_root", "exec_root")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError(f"must be an absolute path, got {str(v)!r}")
+        return v
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one address, e.g. unix:///run/pallet.sock")
+        for h in v:
+            if h.startswith("unix://"):
+                if not h[len("unix://") :].startswith("/"):
+                    raise ValueError(f"{h!r}: a unix socket path must be absolute")
+            elif h.startswith("tcp://"):
+                hostport = h[len("tcp://") :]
+                host, sep, port = hostport.rpartition(":")
+                if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError(f"{h!r}: expected tcp://HOST:PORT")
+            else:
+                raise ValueError(f"{h!r}: expected unix:///path or tcp://host:port")
+        return v
+
+    @field_validator("storage_opts")
+    @classmethod
+    def _opts(cls, v: list[str]) -> list[str]:
+        for o in v:
+            if "=" not in o:
+                raise ValueError(f"{o!r}: expected KEY=VALUE")
+        return v
+
+    def storage_options(self) -> dict[str, str]:
+        """``storage-opts`` as a dict; the driver validates the keys with its own model."""
+        return dict(o.split("=", 1) for o in self.storage_opts)
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (see the README's list of configuration keys)"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> DaemonConfig:
+    """Read ``path`` (JSON; absent default file = defaults), apply flag overrides.
+
+    Raises :class:`ConfigError` naming the file, the key and the reason.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            if path != DEFAULT_CONFIG_FILE:
+                raise ConfigError(f"{path}: no such file") from None
+            text = "{}"
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+            ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object at the top level")
+    if overrides:
+        source = f"{source} with command-line flags" if path else "command-line flags"
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return DaemonConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None

@@ -1,0 +1,1 @@
+"""Built-in plugins. Each is registered through the ``pallet.plugins`` entry points."""
