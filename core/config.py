@@ -19,7 +19,7 @@ class ConfigError(Exception):
 class Runtime(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
-    runtimeArgs: list[str] = Field(default_factory=list)  # noqa: N815 - Docker's key
+    runtimeArgs: list[str] = Field(default_factory=list)
 
 
 class DaemonConfig(BaseModel):
@@ -36,9 +36,7 @@ class DaemonConfig(BaseModel):
     storage_opts: list[str] = Field(default_factory=list, alias="storage-opts")
     default_runtime: str = Field("native", alias="default-runtime")
     runtimes: dict[str, Runtime] = Field(default_factory=dict)
-    log_level: Literal["debug", "info", "warn", "error", "fatal"] = Field(
-        "info", alias="log-level"
-    )
+    log_level: Literal["debug", "info", "warn", "error", "fatal"] = Field("info", alias="log-level")
     live_restore: bool = Field(True, alias="live-restore")
     bip: str | None = None
     iptables: bool = True
@@ -65,7 +63,7 @@ class DaemonConfig(BaseModel):
                     raise ValueError(f"{h!r}: a unix socket path must be absolute")
             elif h.startswith("tcp://"):
                 hostport = h[len("tcp://") :]
-                host, sep, port = hostport.rpartition(":")
+                _host, sep, port = hostport.rpartition(":")
                 if not sep or not port.isdigit() or not 0 < int(port) < 65536:
                     raise ValueError(f"{h!r}: expected tcp://HOST:PORT")
             else:

@@ -63,7 +63,7 @@ class Unavailable(PalletError):
     status = 503
 
 
-class PluginSkip(Exception):  # noqa: N818 - it is a signal, not an error
+class PluginSkip(Exception):
     """Raised by a plugin that cannot work on this host; carries the reason.
 
     The plugin manager records the reason and carries on; ``pallet info`` shows it.

@@ -58,7 +58,9 @@ def _b(s: str | None) -> bytes | None:
     return None if s is None else os.fsencode(s)
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:  # noqa: E501
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
     _check(
         _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
         f"mount {source} on {target} ({fstype})",

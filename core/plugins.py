@@ -14,7 +14,6 @@ from importlib.metadata import entry_points
 from typing import Any, Literal
 
 import pluggy
-
 from pallet import hookspecs
 from pallet.errors import PluginSkip
 

@@ -123,7 +123,7 @@ class StorageDriver(ABC):
         return None
 
     def status(self) -> list[tuple[str, str]]:
-        """Lines for ``pallet info`` (``DriverStatus``), e.g. ``("Backing Filesystem", "extfs")``."""
+        """Lines for ``pallet info`` (``DriverStatus``): ``("Backing Filesystem", "extfs")``."""
         return []
 
     def cleanup(self) -> None:
