@@ -91,15 +91,15 @@ class Container:
 
     @property
     def state(self) -> dict[str, Any]:
-        return self.doc["State"]  # type: ignore[no-any-return]
+        return self.doc["State"]
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.doc["Config"]  # type: ignore[no-any-return]
+        return self.doc["Config"]
 
     @property
     def host_config(self) -> dict[str, Any]:
-        return self.doc["HostConfig"]  # type: ignore[no-any-return]
+        return self.doc["HostConfig"]
 
     @property
     def running(self) -> bool:

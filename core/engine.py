@@ -31,13 +31,14 @@ class Channel:
     """
 
     def __init__(self) -> None:
-        self.started = False
-        self.status = 200
+        self.started: bool = False
+        self.status: int = 200
         self.content_type = "application/json"
         self.chunks: list[bytes] = []
 
     async def start(self, status: int = 200, content_type: str = "application/json") -> None:
-        self.started, self.status, self.content_type = True, status, content_type
+        self.started = True
+        self.status, self.content_type = status, content_type
 
     async def write(self, data: bytes) -> None:
         if not self.started:

@@ -162,7 +162,8 @@ class HttpChannel(Channel):
     async def start(self, status: int = 200, content_type: str = "application/json") -> None:
         if self.started:
             return
-        self.started, self.status, self.content_type = True, status, content_type
+        self.started = True
+        self.status, self.content_type = status, content_type
         await self.conn.send_head(status, content_type, None)
 
     async def write(self, data: bytes) -> None:

@@ -6,8 +6,6 @@ Defaults follow Docker's (moby ``oci/defaults.go``): the same mounts, masked and
 read-only paths, and the 14 default capabilities.
 """
 
-
-
 from __future__ import annotations
 
 from pathlib import Path

@@ -23,13 +23,13 @@ class ImageJobs:
 
     @hookimpl
     def pallet_register_jobs(self, engine: Engine) -> None:
-        engine.register("image.list", self.list)
+        engine.register("image.list", self.list_images)
         engine.register("image.inspect", self.inspect)
         engine.register("image.create", self.create)
         engine.register("image.tag", self.tag)
         engine.register("image.delete", self.delete)
 
-    async def list(self, job: Job) -> list[dict[str, Any]]:
+    async def list_images(self, job: Job) -> list[dict[str, Any]]:
         graph = self.daemon.graph
         return await asyncio.to_thread(graph.list_images, boolean(job.getenv("all")), filters(job))
 
