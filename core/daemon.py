@@ -19,7 +19,7 @@ import click
 from pallet.config import DEFAULT_CONFIG_FILE, ConfigError, DaemonConfig, load_config
 from pallet.engine import Engine
 from pallet.errors import PluginSkip
-from pallet.plugins import PluginManager
+from pallet.plugin_manager import PluginManager
 from pallet.storage import StorageDriver
 from pydantic import ValidationError
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pallet.errors import Conflict, NotFound, PalletError
 
 if TYPE_CHECKING:
-    from pallet.plugins import PluginManager
+    from pallet.plugin_manager import PluginManager
 
 Handler = Callable[["Job"], Awaitable[Any]]
 

@@ -322,8 +322,12 @@ class ContainerJobs:
                 sid = streams.STDOUT if e.stream == "stdout" else streams.STDERR
                 await job.output.write(data if c.tty else streams.frame(sid, data))
 
-        select = dict(stdout=stdout, stderr=stderr, since=since, until=until)
-        await emit(logs.select(reader.read_new(), tail=tail, **select))
+        def pick(entries: list[logs.Entry], tail: int = -1) -> list[logs.Entry]:
+            return logs.select(
+                entries, stdout=stdout, stderr=stderr, since=since, until=until, tail=tail
+            )
+
+        await emit(pick(reader.read_new(), tail))
         if not follow:
             return
         while True:
@@ -332,6 +336,6 @@ class ContainerJobs:
                 if running:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(c.changed.wait(), 1.0)
-            await emit(logs.select(reader.read_new(), **select))
+            await emit(pick(reader.read_new()))
             if not running or (until and time.time() > until):
                 return
