@@ -26,12 +26,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
 
-class RestartPolicy(_Model):
+class RestartPolicySpec(_Model):
     Name: str = ""
     MaximumRetryCount: int = 0
 
 
-class HostConfig(_Model):
+class HostConfigSpec(_Model):
     AutoRemove: bool = False
     Runtime: str | None = None
     Binds: StrList = None
@@ -47,7 +47,7 @@ class HostConfig(_Model):
     CpusetCpus: str = ""
     PidsLimit: int | None = None
     Init: bool | None = None
-    RestartPolicy: RestartPolicy | None = None
+    RestartPolicy: RestartPolicySpec | None = None
     CapAdd: StrList = None
     CapDrop: StrList = None
     ExtraHosts: StrList = None
@@ -77,7 +77,7 @@ class ContainerCreate(_Model):
     StopTimeout: int | None = None
     ExposedPorts: dict[str, Any] | None = None
     Volumes: dict[str, Any] | None = None
-    HostConfig: HostConfig = Field(default_factory=lambda: HostConfig())
+    HostConfig: HostConfigSpec = Field(default_factory=lambda: HostConfigSpec())
     NetworkingConfig: dict[str, Any] | None = None
 
     _cmd = field_validator("Cmd", "Entrypoint", mode="before")(_str_or_list)

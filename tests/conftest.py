@@ -1,0 +1,171 @@
+"""Shared fixtures: a busybox rootfs tarball and real palletd daemons on private roots.
+
+Every daemon a test starts has its own data root, exec root and socket, so the suite
+never touches a user's daemon; at the end nothing of it may remain mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PALLET = str(BIN / "pallet")
+PALLETD = str(BIN / "palletd")
+
+
+@pytest.fixture(scope="session")
+def busybox_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("busybox") / "rootfs.tar"
+    subprocess.run([str(REPO / "scripts/build-busybox-image"), "-o", str(out)], check=True)
+    return out
+
+
+def mounts_under(path: Path | str) -> list[str]:
+    prefix = str(path)
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+
+
+class Daemon:
+    """A palletd process on private paths, and ways to talk to it."""
+
+    def __init__(self, root: Path, storage_driver: str | None, extra: list[str]) -> None:
+        # Exec roots hold unix sockets: keep them short (108-byte limit on socket paths).
+        self.exec_root = Path(f"/run/pallet-test-{uuid.uuid4().hex[:8]}")
+        self.data_root = root / "data"
+        self.sock = str(self.exec_root) + ".sock"
+        self.host = f"unix://{self.sock}"
+        self.log_path = root / "palletd.log"
+        self.args = [
+            PALLETD,
+            "--data-root",
+            str(self.data_root),
+            "--exec-root",
+            str(self.exec_root),
+            "-H",
+            self.host,
+            "--config-file",
+            str(root / "daemon.json"),
+            *(["--storage-driver", storage_driver] if storage_driver else []),
+            *extra,
+        ]
+        (root / "daemon.json").write_text("{}")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open by the child
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"palletd exited: {self.log_path.read_text()}")
+            with contextlib.suppress(OSError):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(self.sock)
+                    s.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
+                    if b"OK" in s.recv(4096):
+                        return
+            time.sleep(0.05)
+        raise RuntimeError("palletd did not answer /_ping")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cli(self, *args: str, input: bytes | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:  # noqa: E501
+        env = {**os.environ, "PALLET_HOST": self.host}
+        r = subprocess.run(
+            [PALLET, *args], input=input, capture_output=True, env=env, timeout=timeout
+        )
+        out = subprocess.CompletedProcess(
+            r.args, r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+        )
+        if check and r.returncode != 0:
+            raise AssertionError(f"pallet {' '.join(args)} -> {r.returncode}\n{out.stdout}\n{out.stderr}")
+        return out
+
+    def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One request over the socket with the standard library (http.client)."""
+        import http.client
+
+        class Conn(http.client.HTTPConnection):
+            def connect(conn) -> None:  # noqa: N805
+                conn.sock = socket.socket(socket.AF_UNIX)
+                conn.sock.connect(self.sock)
+
+        c = Conn("localhost", timeout=60)
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        c.request(method, path, body=data, headers=headers)
+        r = c.getresponse()
+        raw = r.read()
+        c.close()
+        try:
+            return r.status, json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            return r.status, raw.decode(errors="replace")
+
+    def import_busybox(self, tar: Path, tag: str = "busybox:latest") -> str:
+        r = self.cli("import", "--change", 'CMD ["sh"]', str(tar), tag)
+        return r.stdout.strip()
+
+    def cleanup(self) -> None:
+        self.stop()
+        # Whatever the daemon left mounted is a leak: report it, then clean the machine.
+        leftovers = mounts_under(self.data_root) + mounts_under(self.exec_root)
+        for m in sorted(leftovers, key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], check=False)
+        shutil.rmtree(self.exec_root, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock)
+        assert not leftovers, f"daemon left mounts behind: {leftovers}"
+
+
+@pytest.fixture
+def make_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Factory: ``make_daemon(storage_driver="vfs")`` starts a daemon; all are cleaned."""
+    made: list[Daemon] = []
+
+    def make(storage_driver: str | None = None, extra: list[str] | None = None, start: bool = True) -> Daemon:
+        d = Daemon(tmp_path_factory.mktemp("palletd"), storage_driver, extra or [])
+        made.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
+
+
+@pytest.fixture(scope="module", params=["overlay", "vfs"])
+def daemon(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path) -> Iterator[Daemon]:  # noqa: E501
+    """A running daemon with busybox:latest imported, once per storage driver."""
+    d = Daemon(tmp_path_factory.mktemp(f"palletd-{request.param}"), request.param, [])
+    d.start()
+    try:
+        d.import_busybox(busybox_tar)
+        yield d
+    finally:
+        d.cleanup()
