@@ -68,7 +68,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open by the child
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -93,16 +93,23 @@ class Daemon:
                 self.proc.wait()
         self.proc = None
 
-    def cli(self, *args: str, input: bytes | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:  # noqa: E501
+    def cli(
+        self, *args: str, input: bytes | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PALLET_HOST": self.host}
         r = subprocess.run(
             [PALLET, *args], input=input, capture_output=True, env=env, timeout=timeout
         )
         out = subprocess.CompletedProcess(
-            r.args, r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+            r.args,
+            r.returncode,
+            r.stdout.decode(errors="replace"),
+            r.stderr.decode(errors="replace"),
         )
         if check and r.returncode != 0:
-            raise AssertionError(f"pallet {' '.join(args)} -> {r.returncode}\n{out.stdout}\n{out.stderr}")
+            raise AssertionError(
+                f"pallet {' '.join(args)} -> {r.returncode}\n{out.stdout}\n{out.stderr}"
+            )
         return out
 
     def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -110,7 +117,7 @@ class Daemon:
         import http.client
 
         class Conn(http.client.HTTPConnection):
-            def connect(conn) -> None:  # noqa: N805
+            def connect(conn) -> None:
                 conn.sock = socket.socket(socket.AF_UNIX)
                 conn.sock.connect(self.sock)
 
@@ -147,7 +154,9 @@ def make_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Factory: ``make_daemon(storage_driver="vfs")`` starts a daemon; all are cleaned."""
     made: list[Daemon] = []
 
-    def make(storage_driver: str | None = None, extra: list[str] | None = None, start: bool = True) -> Daemon:
+    def make(
+        storage_driver: str | None = None, extra: list[str] | None = None, start: bool = True
+    ) -> Daemon:
         d = Daemon(tmp_path_factory.mktemp("palletd"), storage_driver, extra or [])
         made.append(d)
         if start:
@@ -160,7 +169,9 @@ def make_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module", params=["overlay", "vfs"])
-def daemon(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path) -> Iterator[Daemon]:  # noqa: E501
+def daemon(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path
+) -> Iterator[Daemon]:
     """A running daemon with busybox:latest imported, once per storage driver."""
     d = Daemon(tmp_path_factory.mktemp(f"palletd-{request.param}"), request.param, [])
     d.start()
@@ -169,3 +180,37 @@ def daemon(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         yield d
     finally:
         d.cleanup()
+
+
+def _pallet_cgroups() -> set[str]:
+    found = set()
+    for base in Path("/sys/fs/cgroup").glob("*/pallet"):
+        found |= {str(p) for p in base.iterdir() if p.is_dir()}
+    unified = Path("/sys/fs/cgroup/pallet")
+    if unified.is_dir():
+        found |= {str(p) for p in unified.iterdir() if p.is_dir()}
+    return found
+
+
+def _test_processes() -> list[str]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "/run/pallet-test-" in cmd:
+                out.append(f"{proc.name}: {cmd}")
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """After the whole suite: no test mount, cgroup or process may remain."""
+    cgroups_before = _pallet_cgroups()
+    yield
+    time.sleep(0.2)
+    leaks = [f"mount {m}" for m in mounts_under("/run/pallet-test-")]
+    leaks += [f"cgroup {c}" for c in sorted(_pallet_cgroups() - cgroups_before)]
+    leaks += [f"process {p}" for p in _test_processes()]
+    assert not leaks, "the test suite left things behind:\n" + "\n".join(leaks)

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from pallet.config import ConfigError, load_config
 
 from .conftest import PALLETD
@@ -64,7 +63,9 @@ def test_flags_override_file(tmp_path: Path) -> None:
         ("[1, 2]", "expected a JSON object"),
     ],
 )
-def test_bad_config_is_refused_naming_file_key_reason(tmp_path: Path, content: object, expected: str) -> None:  # noqa: E501
+def test_bad_config_is_refused_naming_file_key_reason(
+    tmp_path: Path, content: object, expected: str
+) -> None:
     path = write(tmp_path, content)
     with pytest.raises(ConfigError) as err:
         load_config(path)
@@ -74,7 +75,9 @@ def test_bad_config_is_refused_naming_file_key_reason(tmp_path: Path, content: o
 
 def test_palletd_refuses_bad_config_before_starting(tmp_path: Path) -> None:
     path = write(tmp_path, {"storage-driver": 3, "data-root": str(tmp_path / "data")})
-    r = subprocess.run([PALLETD, "--config-file", str(path)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [PALLETD, "--config-file", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 1
     assert str(path) in r.stderr and "storage-driver" in r.stderr
     assert not (tmp_path / "data").exists(), "nothing may be created before the config is valid"
@@ -82,14 +85,22 @@ def test_palletd_refuses_bad_config_before_starting(tmp_path: Path) -> None:
 
 def test_palletd_missing_config_file(tmp_path: Path) -> None:
     r = subprocess.run(
-        [PALLETD, "--config-file", str(tmp_path / "nope.json")], capture_output=True, text=True, timeout=60
+        [PALLETD, "--config-file", str(tmp_path / "nope.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 1 and "no such file" in r.stderr
 
 
 def test_palletd_validate_flag(tmp_path: Path) -> None:
     path = write(tmp_path, {"data-root": str(tmp_path / "data")})
-    r = subprocess.run([PALLETD, "--config-file", str(path), "--validate"], capture_output=True, text=True, timeout=60)  # noqa: E501
+    r = subprocess.run(
+        [PALLETD, "--config-file", str(path), "--validate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and "configuration OK" in r.stdout
 
 

@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 import pytest
-
 from pallet.engine import Engine, Job
 from pallet.errors import Conflict, NotFound
 from pallet.hookspecs import hookimpl

@@ -11,7 +11,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_every_package_is_listed_in_pyproject() -> None:
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
     found = set()
     for top, package in (("core", "pallet"), ("plugins", "pallet.plugins")):
         for init in (REPO / top).rglob("__init__.py"):
@@ -34,7 +36,14 @@ def test_core_never_imports_a_plugin_module_by_name() -> None:
 
 def test_builtin_plugins_are_entry_points() -> None:
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="pallet.plugins")}
-    for name in ("storage_vfs", "storage_overlay", "storage_btrfs", "storage_devmapper", "net_bridge", "exec_native"):
+    for name in (
+        "storage_vfs",
+        "storage_overlay",
+        "storage_btrfs",
+        "storage_devmapper",
+        "net_bridge",
+        "exec_native",
+    ):
         assert eps[name] == f"pallet.plugins.{name}"
 
 
@@ -43,5 +52,7 @@ def test_no_top_level_core_or_plugins_module_is_installed() -> None:
     import sys
 
     code = "import importlib.util as u; print(u.find_spec('core'), u.find_spec('plugins'))"
-    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "None None"

@@ -17,7 +17,10 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def hello_installed() -> Iterator[None]:
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", str(HERE / "plugins/pallet_hello")], check=True)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-build-isolation", str(HERE / "plugins/pallet_hello")],
+        check=True,
+    )
     try:
         yield
     finally:
@@ -49,7 +52,10 @@ def test_pallet_info_lists_plugin(hello_installed: None, make_daemon) -> None:  
     d = make_daemon(storage_driver="vfs")
     out = d.cli("info").stdout
     assert "hello" in out and "loaded" in out
-    status, info = d.api("GET", "/info")
+    _, info = d.api("GET", "/info")
     plugins = {p["Name"]: p for p in info["PalletPlugins"]}
     assert plugins["hello"]["State"] == "loaded"
-    assert plugins["storage_devmapper"]["State"] == "skipped" and plugins["storage_devmapper"]["Reason"]
+    assert (
+        plugins["storage_devmapper"]["State"] == "skipped"
+        and plugins["storage_devmapper"]["Reason"]
+    )
