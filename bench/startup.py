@@ -95,7 +95,7 @@ def main() -> None:
             args.storage_driver,
         ],
         stdout=subprocess.DEVNULL,
-        stderr=open(tmp / "palletd.log", "wb"),  # noqa: SIM115
+        stderr=open(tmp / "palletd.log", "wb"),
     )
     dockerd = None
     try:
@@ -148,7 +148,7 @@ def main() -> None:
                     f"bench{tag}",
                 ],
                 stdout=subprocess.DEVNULL,
-                stderr=open(tmp / "dockerd.log", "wb"),  # noqa: SIM115
+                stderr=open(tmp / "dockerd.log", "wb"),
             )
             wait_socket(dsock, dockerd, "dockerd")
             denv = {**env, "DOCKER_HOST": f"unix://{dsock}"}
