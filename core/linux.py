@@ -90,3 +90,24 @@ def sethostname(name: str) -> None:
 
 def prctl(option: int, arg2: int = 0) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(arg2), 0, 0, 0), "prctl")
+
+
+# --- appended for the native execution backend (pallet.plugins.exec_native) -----------
+
+MS_SYNCHRONOUS = 16
+MS_MANDLOCK = 64
+MS_DIRSYNC = 128
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_SILENT = 32768
+MS_UNBINDABLE = 1 << 17
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_LAZYTIME = 1 << 25
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+
+
+def setdomainname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.setdomainname(raw, len(raw)), "setdomainname")

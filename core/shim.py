@@ -1,0 +1,992 @@
+"""The per-container monitor ("shim"), and the daemon's client for it.
+
+The daemon launches one monitor per container::
+
+    python -m pallet.shim --bundle B --backend module:Class --log PATH [--stdin]
+
+It detaches (setsid + double fork) so that it outlives the daemon, becomes a child
+subreaper, loads just the one backend class it was given (no entry points, no pluggy,
+no pydantic: it is on the ``pallet run`` hot path), and then:
+
+1. makes pipes for the container's stdio and calls ``backend.create`` (the process is
+   set up and blocked before exec); writes ``<bundle>/shim.pid``, listens on
+   ``<bundle>/shim.sock`` and tells the launcher (one JSON line on its stdout) that the
+   container is created, or why not (``exit.json`` is written then too);
+2. serves clients on the socket, all in one thread with ``selectors``;
+3. copies the container's stdout/stderr to the json-file log (Docker's format) and to
+   every connected client (Docker frames, streams 1 and 2);
+4. when the init exits: drains the pipes, finishes the log, asks ``oom_killed`` then
+   ``delete``, writes ``<bundle>/exit.json`` (atomically), sends the exit event, exits.
+
+Protocol on the socket: Docker frames (:mod:`pallet.streams`). Stream 0 carries stdin
+data to the shim, 1 and 2 output to clients; stream 4 carries one JSON control message
+per frame. Client -> shim: ``{"op": "start"}``, ``{"op": "kill", "signal": N}``,
+``{"op": "close_stdin"}``. Shim -> client: ``{"event": "created", "pid": N}`` (on
+connect), ``{"event": "started"}`` (after a start, and on connect once started),
+``{"event": "error", "message": ..., "exit_code": N}`` (a failed start),
+``{"event": "exit", "exit_code": N, "oom_killed": bool, "finished_at": RFC3339Nano}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pallet.execution import ExecError, Stdio
+from pallet.streams import HEADER_SIZE, FrameDecoder, frame, parse_header
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from pallet.execution import ExecBackend
+
+CONTROL = 4  # the frame stream of control messages
+SOCKET_NAME = "shim.sock"
+PID_NAME = "shim.pid"
+EXIT_NAME = "exit.json"
+LOG_NAME = "shim.log"
+
+LOG_LINE_MAX = 16 * 1024  # Docker's copier: longer lines are logged in 16 KiB parts
+READ_SIZE = 64 * 1024
+HIGH_WATER = 1 << 20  # a client this far behind pauses the container's output
+DRAIN_TIMEOUT = 2.0  # after the init exits, how long to wait for the pipes to close
+FLUSH_TIMEOUT = 5.0  # how long to try to hand the exit event to clients
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def now_rfc3339() -> str:
+    """Now in UTC, RFC 3339 with nine fraction digits, as Docker writes times."""
+    ns = time.time_ns()
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+
+
+def _socket_address(bundle: Path) -> tuple[str, int | None]:
+    """The path to bind/connect for the bundle's socket. A unix socket path is limited
+    to 107 bytes: for longer bundle paths, go through ``/proc/self/fd/<dirfd>``
+    (the returned fd must be closed by the caller once bound/connected)."""
+    path = os.path.join(str(bundle), SOCKET_NAME)
+    if len(os.fsencode(path)) < 100:
+        return path, None
+    dirfd = os.open(str(bundle), os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
+    return f"/proc/self/fd/{dirfd}/{SOCKET_NAME}", dirfd
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# --- the monitor --------------------------------------------------------------------------
+
+
+class _Client:
+    __slots__ = ("decoder", "outbuf", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = FrameDecoder()
+        self.outbuf = bytearray()
+
+
+class _Output:
+    """One of the container's output pipes and its json-file line buffer."""
+
+    __slots__ = ("eof", "fd", "name", "pending", "stream")
+
+    def __init__(self, fd: int, stream: int) -> None:
+        self.fd = fd
+        self.stream = stream
+        self.name = "stdout" if stream == 1 else "stderr"
+        self.pending = bytearray()
+        self.eof = False
+
+
+def _log_entry(data: bytes, name: str, ts: str) -> bytes:
+    text = data.decode("utf-8", "replace")
+    return (
+        json.dumps(
+            {"log": text, "stream": name, "time": ts}, ensure_ascii=False, separators=(",", ":")
+        ) + "\n"
+    ).encode()
+
+
+class Monitor:
+    """The shim's state and event loop (one per container, single-threaded)."""
+
+    def __init__(
+        self, bundle: Path, backend: ExecBackend, log_path: str, stdin: bool
+    ) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.log_path = log_path
+        self.open_stdin = stdin
+        self.spec: dict[str, Any] = {}
+        self.pid = 0
+        self.started = False
+        self.start_error: ExecError | None = None
+        self.exit_code: int | None = None
+        self.finished_at = ""
+        self.sel = selectors.DefaultSelector()
+        self.clients: dict[int, _Client] = {}
+        self.outputs: list[_Output] = []
+        self.paused = False
+        self.stdin_fd: int | None = None
+        self.stdin_buf = bytearray()
+        self.stdin_closing = False
+        self.log_fd = -1
+        self.listener: socket.socket | None = None
+        self.wake_r = -1
+
+    # --- setup ------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the container. Raises ExecError."""
+        with open(self.bundle / "config.json", "rb") as f:
+            self.spec = json.load(f)
+        self.log_fd = os.open(
+            self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
+        )
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        in_r: int | None = None
+        if self.open_stdin:
+            in_r, self.stdin_fd = os.pipe()
+            os.set_blocking(self.stdin_fd, False)
+        try:
+            self.pid = self.backend.create(self.bundle, self.spec, Stdio(in_r, out_w, err_w))
+        except ExecError:
+            for fd in (out_r, err_r, self.stdin_fd):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        except Exception as e:
+            raise ExecError(f"{type(e).__name__}: {e}", 125) from e
+        finally:
+            for fd in (out_w, err_w, in_r):  # the container holds its own copies now
+                if fd is not None:
+                    os.close(fd)
+        for fd, stream in ((out_r, 1), (err_r, 2)):
+            os.set_blocking(fd, False)
+            out = _Output(fd, stream)
+            self.outputs.append(out)
+            self.sel.register(fd, selectors.EVENT_READ, out)
+
+    def listen(self) -> None:
+        path = os.path.join(str(self.bundle), SOCKET_NAME)
+        _unlink(path)
+        address, dirfd = _socket_address(self.bundle)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(address)
+        finally:
+            if dirfd is not None:
+                os.close(dirfd)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        sock.setblocking(False)
+        self.listener = sock
+        self.sel.register(sock, selectors.EVENT_READ, "accept")
+
+    def watch_children(self) -> None:
+        """SIGCHLD wakes the loop through a pipe; the loop reaps."""
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        drain_deadline: float | None = None
+        while True:
+            self.reap()
+            if self.exit_code is not None:
+                if drain_deadline is None:
+                    drain_deadline = time.monotonic() + DRAIN_TIMEOUT
+                if all(o.eof for o in self.outputs) or time.monotonic() >= drain_deadline:
+                    break
+            timeout = None
+            if drain_deadline is not None:
+                timeout = max(0.0, drain_deadline - time.monotonic())
+            for key, mask in self.sel.select(timeout):
+                data = key.data
+                if isinstance(data, _Output):
+                    self.read_output(data)
+                elif isinstance(data, _Client):
+                    if mask & selectors.EVENT_READ:
+                        self.read_client(data)
+                    if mask & selectors.EVENT_WRITE and data.sock.fileno() in self.clients:
+                        self.flush_client(data)
+                elif data == "accept":
+                    self.accept()
+                elif data == "signal":
+                    try:
+                        while os.read(self.wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif data == "stdin":
+                    self.flush_stdin()
+        self.finish()
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.pid and self.exit_code is None:
+                self.finished_at = now_rfc3339()
+                if os.WIFSIGNALED(status):
+                    self.exit_code = 128 + os.WTERMSIG(status)
+                else:
+                    self.exit_code = os.WEXITSTATUS(status)
+
+    # --- container output -------------------------------------------------------------
+
+    def read_output(self, out: _Output) -> None:
+        try:
+            data = os.read(out.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close_output(out)
+            return
+        self.broadcast(frame(out.stream, data))
+        self.log(out, data)
+
+    def close_output(self, out: _Output) -> None:
+        if out.eof:
+            return
+        out.eof = True
+        if not self.paused:
+            self.sel.unregister(out.fd)
+        os.close(out.fd)
+        if out.pending:  # the final unterminated line
+            self.write_log([_log_entry(bytes(out.pending), out.name, now_rfc3339())])
+            out.pending.clear()
+
+    def log(self, out: _Output, data: bytes) -> None:
+        ts = now_rfc3339()
+        buf = out.pending
+        buf += data
+        entries = []
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            entries.append(_log_entry(bytes(buf[start : nl + 1]), out.name, ts))
+            start = nl + 1
+        del buf[:start]
+        while len(buf) >= LOG_LINE_MAX:  # Docker's partial messages
+            entries.append(_log_entry(bytes(buf[:LOG_LINE_MAX]), out.name, ts))
+            del buf[:LOG_LINE_MAX]
+        if entries:
+            self.write_log(entries)
+
+    def write_log(self, entries: list[bytes]) -> None:
+        data = b"".join(entries)
+        try:
+            while data:
+                n = os.write(self.log_fd, data)
+                data = data[n:]
+        except OSError as e:
+            print(f"shim: writing log {self.log_path}: {e}", file=sys.stderr)
+
+    # --- clients ------------------------------------------------------------------------
+
+    def accept(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            sock.setblocking(False)
+            client = _Client(sock)
+            self.clients[sock.fileno()] = client
+            self.sel.register(sock, selectors.EVENT_READ, client)
+            self.send(client, {"event": "created", "pid": self.pid})
+            if self.started:
+                self.send(client, {"event": "started"})
+
+    def send(self, client: _Client, msg: dict[str, Any]) -> None:
+        self.queue(client, frame(CONTROL, json.dumps(msg).encode()))
+
+    def broadcast(self, data: bytes) -> None:
+        for client in list(self.clients.values()):
+            self.queue(client, data)
+
+    def queue(self, client: _Client, data: bytes) -> None:
+        if client.sock.fileno() not in self.clients:
+            return
+        was_empty = not client.outbuf
+        client.outbuf += data
+        if was_empty:
+            self.flush_client(client)
+        if len(client.outbuf) > HIGH_WATER and not self.paused:
+            self.pause(True)
+
+    def flush_client(self, client: _Client) -> None:
+        try:
+            while client.outbuf:
+                n = client.sock.send(client.outbuf)
+                del client.outbuf[:n]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.drop(client)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outbuf else 0)
+        self.sel.modify(client.sock, events, client)
+        if self.paused and all(len(c.outbuf) <= HIGH_WATER // 2 for c in self.clients.values()):
+            self.pause(False)
+
+    def pause(self, paused: bool) -> None:
+        """Back-pressure: stop reading the container's output while a client lags."""
+        self.paused = paused
+        for out in self.outputs:
+            if out.eof:
+                continue
+            if paused:
+                self.sel.unregister(out.fd)
+            else:
+                self.sel.register(out.fd, selectors.EVENT_READ, out)
+
+    def drop(self, client: _Client) -> None:
+        fd = client.sock.fileno()
+        if self.clients.pop(fd, None) is None:
+            return
+        try:
+            self.sel.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        client.sock.close()
+        if self.paused and all(len(c.outbuf) <= HIGH_WATER // 2 for c in self.clients.values()):
+            self.pause(False)
+
+    def read_client(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(client)
+            return
+        for stream, payload in client.decoder.feed(data):
+            if stream == 0:
+                self.write_stdin(payload)
+            elif stream == CONTROL:
+                try:
+                    msg = json.loads(payload)
+                except ValueError:
+                    continue
+                self.control(client, msg)
+
+    def control(self, client: _Client, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "start":
+            self.start(client)
+        elif op == "kill":
+            if self.exit_code is None:
+                try:
+                    self.backend.kill(self.bundle, self.pid, int(msg.get("signal", 15)))
+                except ProcessLookupError:
+                    pass
+                except Exception as e:
+                    print(f"shim: kill: {e}", file=sys.stderr)
+        elif op == "close_stdin":
+            self.stdin_closing = True
+            self.flush_stdin()
+
+    def start(self, client: _Client) -> None:
+        if self.started or self.start_error is not None:
+            self.send(client, {"event": "error", "message": "container already started",
+                               "exit_code": 125})
+            return
+        if self.exit_code is not None:
+            self.send(client, {"event": "error", "message": "container has exited",
+                               "exit_code": self.exit_code})
+            return
+        try:
+            self.backend.start(self.bundle, self.pid)
+        except ExecError as e:
+            self.start_error = e
+            self.send(client, {"event": "error", "message": e.message, "exit_code": e.exit_code})
+            return
+        except Exception as e:
+            self.start_error = ExecError(f"{type(e).__name__}: {e}", 125)
+            self.send(client, {"event": "error", "message": self.start_error.message,
+                               "exit_code": 125})
+            return
+        self.started = True
+        for c in list(self.clients.values()):
+            self.send(c, {"event": "started"})
+
+    # --- stdin --------------------------------------------------------------------------
+
+    def write_stdin(self, data: bytes) -> None:
+        if self.stdin_fd is None or self.stdin_closing:
+            return
+        was_empty = not self.stdin_buf
+        self.stdin_buf += data
+        if was_empty:
+            self.flush_stdin()
+
+    def flush_stdin(self) -> None:
+        fd = self.stdin_fd
+        if fd is None:
+            return
+        try:
+            while self.stdin_buf:
+                n = os.write(fd, self.stdin_buf)
+                del self.stdin_buf[:n]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # the container closed its stdin: drop what it will never read
+            self.stdin_buf.clear()
+        registered = fd in self.sel.get_map()
+        if self.stdin_buf and not registered:
+            self.sel.register(fd, selectors.EVENT_WRITE, "stdin")
+        elif not self.stdin_buf:
+            if registered:
+                self.sel.unregister(fd)
+            if self.stdin_closing:
+                os.close(fd)
+                self.stdin_fd = None
+
+    # --- the end ------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        for out in self.outputs:  # whatever is readable now, then stop waiting
+            if self.paused and not out.eof:
+                self.sel.register(out.fd, selectors.EVENT_READ, out)
+        self.paused = False
+        for out in self.outputs:
+            while not out.eof:
+                try:
+                    data = os.read(out.fd, READ_SIZE)
+                except BlockingIOError:
+                    self.close_output(out)
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    self.close_output(out)
+                    break
+                self.broadcast(frame(out.stream, data))
+                self.log(out, data)
+        if self.stdin_fd is not None:
+            try:
+                self.sel.unregister(self.stdin_fd)
+            except KeyError:
+                pass
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
+        os.close(self.log_fd)
+        oom = False
+        try:
+            oom = bool(self.backend.oom_killed(self.bundle, self.spec))
+        except Exception as e:
+            print(f"shim: oom_killed: {e}", file=sys.stderr)
+        try:
+            self.backend.delete(self.bundle, self.spec)
+        except Exception as e:
+            print(f"shim: delete: {e}", file=sys.stderr)
+        status: dict[str, Any] = {
+            "exit_code": self.exit_code,
+            "oom_killed": oom,
+            "finished_at": self.finished_at,
+        }
+        if self.start_error is not None:
+            status["error"] = self.start_error.message
+        _write_atomic(
+            os.path.join(str(self.bundle), EXIT_NAME),
+            json.dumps({**status, "pid": self.pid}).encode(),
+        )
+        if self.listener is not None:
+            self.sel.unregister(self.listener)
+            self.listener.close()
+        _unlink(os.path.join(str(self.bundle), SOCKET_NAME))
+        for c in list(self.clients.values()):
+            self.send(c, {"event": "exit", **status})
+        self.flush_all()
+        _unlink(os.path.join(str(self.bundle), PID_NAME))
+
+    def flush_all(self) -> None:
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        for c in list(self.clients.values()):
+            try:
+                c.sock.setblocking(True)
+                while c.outbuf:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    c.sock.settimeout(left)
+                    n = c.sock.send(c.outbuf)
+                    del c.outbuf[:n]
+            except OSError:
+                pass
+            self.drop(c)
+
+
+def _load_backend(ref: str) -> ExecBackend:
+    import importlib
+
+    module, _, qualname = ref.partition(":")
+    if not module or not qualname:
+        raise ExecError(f"invalid backend reference {ref!r} (want module:Class)", 125)
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    backend: ExecBackend = obj()
+    return backend
+
+
+def _parse_args(argv: list[str]) -> dict[str, Any]:
+    opts: dict[str, Any] = {"stdin": False}
+    it = iter(argv)
+    for arg in it:
+        if arg == "--stdin":
+            opts["stdin"] = True
+        elif arg in ("--bundle", "--backend", "--log"):
+            try:
+                opts[arg[2:]] = next(it)
+            except StopIteration:
+                raise SystemExit(f"shim: {arg} needs a value") from None
+        else:
+            raise SystemExit(f"shim: unknown argument {arg!r}")
+    for name in ("bundle", "backend", "log"):
+        if name not in opts:
+            raise SystemExit(f"shim: --{name} is required")
+    return opts
+
+
+def _set_subreaper() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m pallet.shim``. Its stdout is the launcher's status
+    pipe: one JSON line (``{"pid": N}`` or ``{"error": ..., "exit_code": N}``)."""
+    opts = _parse_args(sys.argv[1:] if argv is None else argv)
+    bundle = Path(os.path.abspath(opts["bundle"]))
+    # Detach: a new session, and a second fork so that the monitor is no child of the
+    # daemon (it is reparented to init, or to the nearest subreaper) and survives it.
+    try:
+        os.setsid()
+    except PermissionError:
+        pass
+    if os.fork() != 0:
+        os._exit(0)
+    os.chdir("/")
+    status_fd = os.dup(1)  # close-on-exec copy; fds 0 and 1 become /dev/null
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    _write_atomic(str(bundle / PID_NAME), str(os.getpid()).encode())
+    _unlink(str(bundle / EXIT_NAME))
+    code = 0
+    try:
+        code = _serve(bundle, opts, status_fd)
+    except BaseException as e:  # noqa: BLE001 - last resort: tell the launcher
+        import traceback
+
+        traceback.print_exc()
+        _report(status_fd, {"error": f"shim: {type(e).__name__}: {e}", "exit_code": 125})
+        code = 1
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _report(fd: int, msg: dict[str, Any]) -> None:
+    if fd < 0:
+        return
+    try:
+        os.write(fd, (json.dumps(msg) + "\n").encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _serve(bundle: Path, opts: dict[str, Any], status_fd: int) -> int:
+    _set_subreaper()
+    monitor: Monitor | None = None
+    try:
+        backend = _load_backend(opts["backend"])
+        monitor = Monitor(bundle, backend, opts["log"], opts["stdin"])
+        monitor.watch_children()
+        monitor.create()
+    except ExecError as e:
+        status = {
+            "exit_code": e.exit_code,
+            "oom_killed": False,
+            "finished_at": now_rfc3339(),
+            "error": e.message,
+            "pid": 0,
+        }
+        _write_atomic(str(bundle / EXIT_NAME), json.dumps(status).encode())
+        _unlink(str(bundle / PID_NAME))
+        _report(status_fd, {"error": e.message, "exit_code": e.exit_code})
+        return 0
+    monitor.listen()
+    _report(status_fd, {"pid": monitor.pid})
+    monitor.run()
+    return 0
+
+
+# --- the daemon's client -----------------------------------------------------------------
+
+
+@dataclass
+class ExitStatus:
+    exit_code: int
+    oom_killed: bool
+    finished_at: str
+    error: str = ""
+
+
+def read_exit(bundle: Path) -> ExitStatus | None:
+    """The exit status the monitor left in ``<bundle>/exit.json``, if any."""
+    try:
+        with open(os.path.join(str(bundle), EXIT_NAME), "rb") as f:
+            data = json.load(f)
+        return ExitStatus(
+            exit_code=int(data["exit_code"]),
+            oom_killed=bool(data.get("oom_killed", False)),
+            finished_at=str(data.get("finished_at", "")),
+            error=str(data.get("error", "")),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def shim_pid(bundle: Path) -> int | None:
+    """The monitor's pid from ``<bundle>/shim.pid`` if that process is alive."""
+    try:
+        with open(os.path.join(str(bundle), PID_NAME)) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+OutputCallback = Callable[[int, bytes], None]
+
+
+class ShimClient:
+    """The daemon's (asyncio) end of one container monitor."""
+
+    pid: int
+
+    def __init__(
+        self,
+        bundle: Path,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_output: OutputCallback,
+    ) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        self.bundle = Path(bundle)
+        self.pid = 0
+        self.started = False
+        self._reader = reader
+        self._writer = writer
+        self._on_output = on_output
+        self._closing = False
+        self._created: asyncio.Future[int] = loop.create_future()
+        self._exit: asyncio.Future[ExitStatus] = loop.create_future()
+        self._start: asyncio.Future[None] | None = None
+        self._task = loop.create_task(self._read_loop())
+
+    @classmethod
+    async def launch(
+        cls,
+        bundle: Path,
+        backend: str,
+        log_path: Path,
+        stdin: bool,
+        on_output: OutputCallback,
+    ) -> ShimClient:
+        """Spawn the detached monitor, wait until the process is created, connect.
+        Raises ExecError (message, exit_code) if create failed."""
+        import asyncio
+
+        bundle = Path(bundle)
+        args = [
+            sys.executable,
+            "-m",
+            "pallet.shim",
+            "--bundle",
+            str(bundle),
+            "--backend",
+            backend,
+            "--log",
+            str(log_path),
+        ]
+        if stdin:
+            args.append("--stdin")
+        import subprocess
+
+        errlog = os.open(
+            str(bundle / LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
+        )
+        try:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errlog,
+                cwd="/",
+                close_fds=True,
+            )
+        finally:
+            os.close(errlog)
+        assert proc.stdout is not None
+        try:
+            line = await _read_line(proc.stdout.fileno())
+        finally:
+            proc.stdout.close()
+            try:  # the first process exits as soon as it has forked the monitor
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            msg = json.loads(line) if line.strip() else {}
+        except ValueError:
+            msg = {}
+        if "error" in msg:
+            raise ExecError(str(msg["error"]), int(msg.get("exit_code", 125)))
+        if "pid" not in msg:
+            raise ExecError(f"shim failed to start: {_tail(bundle / LOG_NAME)}", 125)
+        return await cls.connect(bundle, on_output)
+
+    @classmethod
+    async def connect(cls, bundle: Path, on_output: OutputCallback) -> ShimClient:
+        """Attach to a running monitor (after a daemon restart, or a second client).
+        Raises FileNotFoundError/ConnectionError if the monitor is gone."""
+        import asyncio
+
+        bundle = Path(bundle)
+        if not (bundle / SOCKET_NAME).exists():
+            raise FileNotFoundError(f"no shim socket in {bundle}")
+        address, dirfd = _socket_address(bundle)
+        try:
+            reader, writer = await asyncio.open_unix_connection(address)
+        finally:
+            if dirfd is not None:
+                os.close(dirfd)
+        client = cls(bundle, reader, writer, on_output)
+        try:
+            client.pid = await client._created
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    # --- operations ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Let the container exec. Raises ExecError with Docker's exit code."""
+        import asyncio
+
+        if self._exit.done():
+            st = self._exit.result()
+            raise ExecError(st.error or "container has exited", st.exit_code)
+        self._start = asyncio.get_running_loop().create_future()
+        await self._control({"op": "start"})
+        await self._start
+
+    async def write_stdin(self, data: bytes) -> None:
+        for i in range(0, len(data), 1 << 20):
+            self._writer.write(frame(0, data[i : i + (1 << 20)]))
+        await self._writer.drain()
+
+    async def close_stdin(self) -> None:
+        await self._control({"op": "close_stdin"})
+
+    async def kill(self, signal: int) -> None:
+        await self._control({"op": "kill", "signal": int(signal)})
+
+    async def wait(self) -> ExitStatus:
+        """The exit status, when the container's init has exited."""
+        import asyncio
+
+        return await asyncio.shield(self._exit)
+
+    async def close(self) -> None:
+        """Disconnect (the container and its monitor carry on)."""
+        import asyncio
+
+        self._closing = True
+        self._writer.close()
+        try:
+            await self._writer.wait_closed()
+        except (OSError, asyncio.CancelledError):
+            pass
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+    # --- internals ----------------------------------------------------------------------
+
+    async def _control(self, msg: dict[str, Any]) -> None:
+        if self._writer.is_closing():
+            raise ConnectionError("shim connection is closed")
+        self._writer.write(frame(CONTROL, json.dumps(msg).encode()))
+        await self._writer.drain()
+
+    async def _read_loop(self) -> None:
+        import asyncio
+
+        reader = self._reader
+        try:
+            while True:
+                header = await reader.readexactly(HEADER_SIZE)
+                stream, length = parse_header(header)
+                payload = await reader.readexactly(length) if length else b""
+                if stream in (1, 2):
+                    try:
+                        self._on_output(stream, payload)
+                    except Exception:
+                        import logging
+
+                        logging.getLogger("pallet.shim").exception("on_output failed")
+                elif stream == CONTROL:
+                    self._event(json.loads(payload))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError):
+            pass
+        finally:
+            self._closed()
+
+    def _event(self, msg: dict[str, Any]) -> None:
+        event = msg.get("event")
+        if event == "created":
+            self.pid = int(msg.get("pid", 0))
+            if not self._created.done():
+                self._created.set_result(self.pid)
+        elif event == "started":
+            self.started = True
+            if self._start is not None and not self._start.done():
+                self._start.set_result(None)
+        elif event == "error":
+            if self._start is not None and not self._start.done():
+                self._start.set_exception(
+                    ExecError(str(msg.get("message", "")), int(msg.get("exit_code", 125)))
+                )
+        elif event == "exit":
+            st = ExitStatus(
+                exit_code=int(msg.get("exit_code", 0)),
+                oom_killed=bool(msg.get("oom_killed", False)),
+                finished_at=str(msg.get("finished_at", "")),
+                error=str(msg.get("error", "")),
+            )
+            self._set_exit(st)
+
+    def _set_exit(self, st: ExitStatus) -> None:
+        if not self._exit.done():
+            self._exit.set_result(st)
+        if self._start is not None and not self._start.done():
+            self._start.set_exception(
+                ExecError(st.error or "container exited before it started", st.exit_code)
+            )
+
+    def _closed(self) -> None:
+        if not self._created.done():
+            self._created.set_exception(ConnectionError("shim closed the connection"))
+        if self._closing:
+            for fut in (self._exit, self._start):
+                if fut is not None and not fut.done():
+                    fut.set_exception(ConnectionError("shim client closed"))
+                    fut.exception()  # nobody may be waiting: mark it retrieved
+            return
+        st = read_exit(self.bundle)
+        if st is None:
+            st = ExitStatus(255, False, now_rfc3339(), "shim exited without an exit status")
+        self._set_exit(st)
+
+
+async def _read_line(fd: int) -> bytes:
+    """One line (or everything up to EOF) from a pipe, without blocking the loop. The
+    monitor's children hold the pipe open until they exec, so EOF cannot be awaited."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    buf = bytearray()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        buf.extend(chunk)
+        if (not chunk or b"\n" in buf) and not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+    return bytes(buf).split(b"\n", 1)[0]
+
+
+def _tail(path: Path, size: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode(errors="replace").strip() or "(no output)"
+    except OSError:
+        return "(no log)"
+
+
+if __name__ == "__main__":
+    main()
