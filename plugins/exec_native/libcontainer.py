@@ -649,7 +649,7 @@ class _Init:
             ("/proc/self/fd/1", "/dev/stdout"),
             ("/proc/self/fd/2", "/dev/stderr"),
         ]
-        if self.has_proc:
+        if self.has_proc and os.path.exists("/proc/kcore"):
             links.append(("/proc/kcore", "/dev/core"))
         for src, dst in links:
             path = self.inside(dst)
