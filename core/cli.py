@@ -277,7 +277,8 @@ def _truthy(value: Any) -> bool:
 def _tpl_json(value: Any) -> str:
     import json
 
-    return json.dumps(None if value is _MISSING else value, ensure_ascii=False)
+    value = None if value is _MISSING else value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _tpl_index(value: Any, *keys: Any) -> Any:
@@ -420,6 +421,8 @@ class Template:
                 pieces.append(("trim", ""))
             pos = m.end()
         tail = source[pos:]
+        if any("{{" in text for kind, text in pieces if kind == "text") or "{{" in tail:
+            raise TemplateError("unclosed action")
         if pieces and pieces[-1][0] == "trim":
             pieces.pop()
             tail = tail.lstrip()
@@ -444,27 +447,34 @@ class Template:
             if text.startswith("/*"):
                 continue
             word = text.split(None, 1)[0] if text else ""
-            if word in ("end", "else"):
-                if word == "else" and text != "else":
-                    # "else if ...": an if nested in the else branch
-                    self._pieces.insert(self._i, ("action", text[len("else") :].strip()))
-                    self._pieces.insert(self._i + 1, ("action", "end"))
-                    self._pieces.insert(self._i, ("text", ""))
-                    return nodes, "else"
-                return nodes, word
+            if word == "end":
+                return nodes, "end"
+            if word == "else":
+                return nodes, text  # "else", or "else if ..." / "else with ..."
             if word in ("if", "range", "with"):
-                decl, pipe = self._parse_pipe(text[len(word) :])
-                body, end = self._parse_list()
-                else_body: list[Node] = []
-                if end == "else":
-                    else_body, end = self._parse_list()
-                if end != "end":
-                    raise TemplateError(f"unexpected EOF in {word}")
-                nodes.append((word, decl, pipe, body, else_body))
+                nodes.append(self._parse_branch(word, text[len(word) :]))
                 continue
             decl, pipe = self._parse_pipe(text)
             nodes.append(("pipe", decl, pipe))
         return nodes, None
+
+    def _parse_branch(self, word: str, text: str) -> Node:
+        decl, pipe = self._parse_pipe(text)
+        body, end = self._parse_list()
+        else_body: list[Node] = []
+        if end is not None and end.startswith("else") and end != "else":
+            # "else if X": an if in the else branch, closed by the same {{end}}
+            rest = end[len("else") :].strip()
+            inner = rest.split(None, 1)[0]
+            if inner not in ("if", "with"):
+                raise TemplateError(f"unexpected {{{{{end}}}}}")
+            else_body = [self._parse_branch(inner, rest[len(inner) :])]
+            end = "end"
+        elif end == "else":
+            else_body, end = self._parse_list()
+        if end != "end":
+            raise TemplateError(f"unexpected EOF in {word}")
+        return (word, decl, pipe, body, else_body)
 
     @staticmethod
     def _parse_pipe(text: str) -> tuple[list[str], list[list[str]]]:

@@ -141,7 +141,7 @@ class StubServer:
             self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.listener.bind(("127.0.0.1", 0))
-            self.host = "tcp://127.0.0.1:%d" % self.listener.getsockname()[1]
+            self.host = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
         else:
             assert path is not None
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -309,7 +309,7 @@ def test_query_encoding(server: StubServer, client: cl.Client) -> None:
             "size": False,
             "limit": None,
             "filters": {"status": ["exited"], "name": ["a b&c"]},
-            "changes": ["CMD [\"sh\"]", "ENV A=1"],
+            "changes": ['CMD ["sh"]', "ENV A=1"],
         },
     )
     (req,) = server.requests
@@ -439,7 +439,7 @@ def test_streaming_request_body_is_chunked(server: StubServer, client: cl.Client
     @server.route("POST", "/images/create")
     def _(req: Request) -> None:
         req.start_chunked()
-        req.chunk(json.dumps({"status": "sha256:%d" % len(req.body)}) + "\r\n")
+        req.chunk(json.dumps({"status": f"sha256:{len(req.body)}"}) + "\r\n")
         req.end_chunked()
 
     data = os.urandom(300_000)
