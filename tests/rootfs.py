@@ -202,3 +202,67 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+# --- a minimal backend without isolation, to test the shim on its own ------------------
+
+from pallet.execution import ExecBackend, ExecError, Stdio  # noqa: E402
+
+PLAIN = "tests.rootfs:PlainBackend"
+
+
+class PlainBackend(ExecBackend):
+    """Runs ``process.args`` on the host, no namespaces. ``fail-create`` and
+    ``fail-start`` as args[0] make those steps fail (exit codes 42 and 126)."""
+
+    name = "plain"
+
+    def __init__(self) -> None:
+        self._sync: dict[int, tuple[int, list[str]]] = {}
+
+    def create(self, bundle: Path, spec: dict[str, Any], stdio: Stdio) -> int:
+        import signal
+
+        args = [str(a) for a in spec["process"]["args"]]
+        if args[0] == "fail-create":
+            raise ExecError("create failed on purpose", 42)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                os.close(w)
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.dup2(stdio.stdin if stdio.stdin is not None else os.open("/dev/null", 0), 0)
+                os.dup2(stdio.stdout, 1)
+                os.dup2(stdio.stderr, 2)
+                if os.read(r, 1) != b"x" or args[0] == "fail-start":
+                    os._exit(126)
+                os.execvp(args[0], args)
+            finally:
+                os._exit(127)
+        os.close(r)
+        self._sync[pid] = (w, args)
+        return pid
+
+    def start(self, bundle: Path, pid: int) -> None:
+        w, args = self._sync.pop(pid)
+        os.write(w, b"x")
+        os.close(w)
+        if args[0] == "fail-start":
+            raise ExecError("start failed on purpose", 126)
+
+    def delete(self, bundle: Path, spec: dict[str, Any]) -> None:
+        for w, _ in self._sync.values():
+            os.close(w)
+        self._sync.clear()
+        (bundle / "deleted").write_text("yes")
+
+
+def plain_bundle(tmp: Path, args: list[str]) -> Path:
+    """A bundle for :class:`PlainBackend` (no rootfs needed)."""
+    bundle = tmp / f"p-{uuid.uuid4().hex[:8]}"
+    bundle.mkdir()
+    write_spec(bundle, {"ociVersion": "1.0.2", "process": {"args": args}})
+    return bundle
