@@ -298,7 +298,9 @@ class Cgroup:
         missing = [c for c in wanted if c not in enabled]
         if missing:
             try:
-                _write(os.path.join(d, "cgroup.subtree_control"), " ".join("+" + c for c in missing))
+                _write(
+                    os.path.join(d, "cgroup.subtree_control"), " ".join("+" + c for c in missing)
+                )
             except OSError:
                 for c in missing:  # one at a time: enable what can be enabled
                     try:
@@ -420,8 +422,11 @@ class Cgroup:
             if rules is None:  # nothing said: deny all but the defaults
                 rules = [{"allow": False, "access": "rwm"}, *DEFAULT_DEVICE_RULES]
             for rule in rules:
-                self._set("devices", "devices.allow" if rule.get("allow") else "devices.deny",
-                          _device_rule(rule))
+                self._set(
+                    "devices",
+                    "devices.allow" if rule.get("allow") else "devices.deny",
+                    _device_rule(rule),
+                )
 
     def _memory_v1(self, limit: int | None, swap: int | None) -> None:
         has_swap = self._has("memory", "memory.memsw.limit_in_bytes")
@@ -431,8 +436,12 @@ class Cgroup:
             return
         # memsw must stay >= limit: write them in the order that keeps that true.
         current = _read_int(os.path.join(self.dir_for("memory") or "", "memory.limit_in_bytes"))
-        if limit is not None and swap != -1 and current is not None and current != -1 and (
-            swap >= current
+        if (
+            limit is not None
+            and swap != -1
+            and current is not None
+            and current != -1
+            and (swap >= current)
         ):
             self._set("memory", "memory.memsw.limit_in_bytes", swap)
             self._set("memory", "memory.limit_in_bytes", limit)
@@ -507,9 +516,7 @@ class Cgroup:
                 out["memory_stat"] = _flat_keyed(os.path.join(mem, "memory.stat"))
             else:
                 out["memory_usage"] = _read_int(os.path.join(mem, "memory.usage_in_bytes"))
-                out["memory_max_usage"] = _read_int(
-                    os.path.join(mem, "memory.max_usage_in_bytes")
-                )
+                out["memory_max_usage"] = _read_int(os.path.join(mem, "memory.max_usage_in_bytes"))
                 out["memory_limit"] = _read_int(os.path.join(mem, "memory.limit_in_bytes"))
                 out["memory_stat"] = _flat_keyed(os.path.join(mem, "memory.stat"))
         if pids:

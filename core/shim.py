@@ -129,16 +129,15 @@ def _log_entry(data: bytes, name: str, ts: str) -> bytes:
     return (
         json.dumps(
             {"log": text, "stream": name, "time": ts}, ensure_ascii=False, separators=(",", ":")
-        ) + "\n"
+        )
+        + "\n"
     ).encode()
 
 
 class Monitor:
     """The shim's state and event loop (one per container, single-threaded)."""
 
-    def __init__(
-        self, bundle: Path, backend: ExecBackend, log_path: str, stdin: bool
-    ) -> None:
+    def __init__(self, bundle: Path, backend: ExecBackend, log_path: str, stdin: bool) -> None:
         self.bundle = bundle
         self.backend = backend
         self.log_path = log_path
@@ -433,12 +432,15 @@ class Monitor:
 
     def start(self, client: _Client) -> None:
         if self.started or self.start_error is not None:
-            self.send(client, {"event": "error", "message": "container already started",
-                               "exit_code": 125})
+            self.send(
+                client, {"event": "error", "message": "container already started", "exit_code": 125}
+            )
             return
         if self.exit_code is not None:
-            self.send(client, {"event": "error", "message": "container has exited",
-                               "exit_code": self.exit_code})
+            self.send(
+                client,
+                {"event": "error", "message": "container has exited", "exit_code": self.exit_code},
+            )
             return
         try:
             self.backend.start(self.bundle, self.pid)
@@ -448,8 +450,9 @@ class Monitor:
             return
         except Exception as e:
             self.start_error = ExecError(f"{type(e).__name__}: {e}", 125)
-            self.send(client, {"event": "error", "message": self.start_error.message,
-                               "exit_code": 125})
+            self.send(
+                client, {"event": "error", "message": self.start_error.message, "exit_code": 125}
+            )
             return
         self.started = True
         for c in list(self.clients.values()):
@@ -627,7 +630,7 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         code = _serve(bundle, opts, status_fd)
-    except BaseException as e:  # noqa: BLE001 - last resort: tell the launcher
+    except BaseException as e:
         import traceback
 
         traceback.print_exc()
@@ -751,7 +754,6 @@ class ShimClient:
     ) -> ShimClient:
         """Spawn the detached monitor, wait until the process is created, connect.
         Raises ExecError (message, exit_code) if create failed."""
-        import asyncio
 
         bundle = Path(bundle)
         args = [

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-
 from pallet.execution import ExecError
 from pallet.shim import ExitStatus, ShimClient, read_exit
+
 from tests.rootfs import (
     NATIVE,
     alive,
@@ -404,11 +404,11 @@ def test_oom_killed(tmp_path: Path) -> None:
 def test_relative_cgroups_path(tmp_path: Path) -> None:
     rel = f"pallet-test-rel-{uuid.uuid4().hex[:8]}"
     r = sh(tmp_path, "cat /proc/self/cgroup | grep memory", cgroups_path=rel)
-    own = [
+    own = next(
         line.split(":", 2)[2]
         for line in Path("/proc/self/cgroup").read_text().splitlines()
         if line.split(":")[1] == "memory"
-    ][0]
+    )
     # within its cgroup namespace-less view the container sees the full host path
     assert r.stdout.strip().endswith(os.path.join(own, rel))
 

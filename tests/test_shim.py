@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-
 from pallet.execution import ExecError
 from pallet.shim import ExitStatus, ShimClient, read_exit, shim_pid
+
 from tests.rootfs import (
     NATIVE,
     PLAIN,
@@ -66,7 +66,9 @@ class Output:
         return b"".join(d for s, d in self.chunks if s == stream)
 
 
-async def launch(bundle: Path, out: Output, stdin: bool = False, backend: str = PLAIN) -> ShimClient:
+async def launch(
+    bundle: Path, out: Output, stdin: bool = False, backend: str = PLAIN
+) -> ShimClient:
     return await ShimClient.launch(bundle, backend, bundle / "log.json", stdin, out)
 
 
@@ -147,7 +149,7 @@ def test_stdin_and_large_output(tmp_path: Path) -> None:
 
 def test_without_stdin_container_reads_eof(tmp_path: Path) -> None:
     bundle = plain_bundle(tmp_path, ["sh", "-c", "cat; echo done"])
-    st, out, _ = arun(run_plain(bundle))
+    _st, out, _ = arun(run_plain(bundle))
     assert out.get(1) == b"done\n"
 
 
@@ -412,4 +414,3 @@ asyncio.run(main())
     assert not alive(init_pid)
     assert cgroup_dirs(cg) == []
     assert mounts_under(tmp_path) == []
-

@@ -542,8 +542,10 @@ class _Init:
         if stdin is None:
             stdin = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         # move them out of the way first, in case one of them already is 0, 1 or 2
-        fds = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in
-               (stdin, self.stdio.stdout, self.stdio.stderr)]
+        fds = [
+            fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+            for fd in (stdin, self.stdio.stdout, self.stdio.stderr)
+        ]
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
