@@ -71,7 +71,7 @@ class DirSnapshotter(StorageDriver):
     """A snapshotter whose snapshots are directories under ``root``."""
 
     def __init__(self, root: Path, options: BaseModel) -> None:
-        super().__init__(root, options)
+        super().__init__(Path(os.path.abspath(root)), options)  # mounts need absolute paths
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(exist_ok=True)
