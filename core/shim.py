@@ -21,8 +21,8 @@ no pydantic: it is on the ``pallet run`` hot path), and then:
 Protocol on the socket: Docker frames (:mod:`pallet.streams`). Stream 0 carries stdin
 data to the shim, 1 and 2 output to clients; stream 4 carries one JSON control message
 per frame. Client -> shim: ``{"op": "start"}``, ``{"op": "kill", "signal": N}``,
-``{"op": "close_stdin"}``. Shim -> client: ``{"event": "created", "pid": N}`` (on
-connect), ``{"event": "started"}`` (after a start, and on connect once started),
+``{"op": "close_stdin"}``. Shim -> client: ``{"event": "created", "pid": N, "started":
+bool}`` (on connect), ``{"event": "started"}`` (to every client, after a start),
 ``{"event": "error", "message": ..., "exit_code": N}`` (a failed start),
 ``{"event": "exit", "exit_code": N, "oom_killed": bool, "finished_at": RFC3339Nano}``.
 """
@@ -62,6 +62,14 @@ DRAIN_TIMEOUT = 2.0  # after the init exits, how long to wait for the pipes to c
 FLUSH_TIMEOUT = 5.0  # how long to try to hand the exit event to clients
 
 PR_SET_CHILD_SUBREAPER = 36
+
+_TRACE = bool(os.environ.get("PALLET_SHIM_TRACE"))
+
+
+def _trace(what: str) -> None:
+    """With PALLET_SHIM_TRACE set, wall-clock marks go to the shim log (for profiling)."""
+    if _TRACE:
+        print(f"shim-trace {time.time():.6f} {what}", file=sys.stderr, flush=True)
 
 
 def now_rfc3339() -> str:
@@ -260,6 +268,7 @@ class Monitor:
             if pid == 0:
                 return
             if pid == self.pid and self.exit_code is None:
+                _trace("exited")
                 self.finished_at = now_rfc3339()
                 if os.WIFSIGNALED(status):
                     self.exit_code = 128 + os.WTERMSIG(status)
@@ -298,16 +307,19 @@ class Monitor:
         buf += data
         entries = []
         start = 0
+        # Docker's copier has a 16 KiB buffer: a line whose newline is not within it is
+        # logged in 16 KiB parts (without "\n"), however the bytes arrived.
         while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
+            nl = buf.find(b"\n", start, start + LOG_LINE_MAX)
+            if nl >= 0:
+                entries.append(_log_entry(bytes(buf[start : nl + 1]), out.name, ts))
+                start = nl + 1
+            elif len(buf) - start >= LOG_LINE_MAX:
+                entries.append(_log_entry(bytes(buf[start : start + LOG_LINE_MAX]), out.name, ts))
+                start += LOG_LINE_MAX
+            else:
                 break
-            entries.append(_log_entry(bytes(buf[start : nl + 1]), out.name, ts))
-            start = nl + 1
         del buf[:start]
-        while len(buf) >= LOG_LINE_MAX:  # Docker's partial messages
-            entries.append(_log_entry(bytes(buf[:LOG_LINE_MAX]), out.name, ts))
-            del buf[:LOG_LINE_MAX]
         if entries:
             self.write_log(entries)
 
@@ -335,9 +347,7 @@ class Monitor:
             client = _Client(sock)
             self.clients[sock.fileno()] = client
             self.sel.register(sock, selectors.EVENT_READ, client)
-            self.send(client, {"event": "created", "pid": self.pid})
-            if self.started:
-                self.send(client, {"event": "started"})
+            self.send(client, {"event": "created", "pid": self.pid, "started": self.started})
 
     def send(self, client: _Client, msg: dict[str, Any]) -> None:
         self.queue(client, frame(CONTROL, json.dumps(msg).encode()))
@@ -442,6 +452,7 @@ class Monitor:
                 {"event": "error", "message": "container has exited", "exit_code": self.exit_code},
             )
             return
+        _trace("start")
         try:
             self.backend.start(self.bundle, self.pid)
         except ExecError as e:
@@ -455,6 +466,7 @@ class Monitor:
             )
             return
         self.started = True
+        _trace("started")
         for c in list(self.clients.values()):
             self.send(c, {"event": "started"})
 
@@ -565,7 +577,7 @@ class Monitor:
             self.drop(c)
 
 
-def _load_backend(ref: str) -> ExecBackend:
+def _load_backend_class(ref: str) -> Any:
     import importlib
 
     module, _, qualname = ref.partition(":")
@@ -574,7 +586,11 @@ def _load_backend(ref: str) -> ExecBackend:
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
-    backend: ExecBackend = obj()
+    return obj
+
+
+def _load_backend(ref: str) -> ExecBackend:
+    backend: ExecBackend = _load_backend_class(ref)()
     return backend
 
 
@@ -609,7 +625,11 @@ def _set_subreaper() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m pallet.shim``. Its stdout is the launcher's status
     pipe: one JSON line (``{"pid": N}`` or ``{"error": ..., "exit_code": N}``)."""
-    opts = _parse_args(sys.argv[1:] if argv is None else argv)
+    _trace("main")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--zygote"] and len(argv) == 2:
+        _zygote(int(argv[1]))
+    opts = _parse_args(argv)
     bundle = Path(os.path.abspath(opts["bundle"]))
     # Detach: a new session, and a second fork so that the monitor is no child of the
     # daemon (it is reparented to init, or to the nearest subreaper) and survives it.
@@ -655,6 +675,7 @@ def _serve(bundle: Path, opts: dict[str, Any], status_fd: int) -> int:
     monitor: Monitor | None = None
     try:
         backend = _load_backend(opts["backend"])
+        _trace("backend loaded")
         monitor = Monitor(bundle, backend, opts["log"], opts["stdin"])
         monitor.watch_children()
         monitor.create()
@@ -670,10 +691,139 @@ def _serve(bundle: Path, opts: dict[str, Any], status_fd: int) -> int:
         _unlink(str(bundle / PID_NAME))
         _report(status_fd, {"error": e.message, "exit_code": e.exit_code})
         return 0
+    _trace("created")
     monitor.listen()
     _report(status_fd, {"pid": monitor.pid})
     monitor.run()
+    _trace("finished")
     return 0
+
+
+# --- the zygote: monitors forked from a warm interpreter ----------------------------------
+#
+# Starting a monitor with ``python -m pallet.shim`` costs an interpreter start plus the
+# imports of the shim and the backend (tens of milliseconds): most of ``pallet run``'s
+# budget. So the daemon keeps one pre-started "zygote" (``--zygote FD``) that has all of
+# that loaded and forks a monitor per request; the forked process runs the same
+# ``main`` as the command line does (setsid + fork, detached from the daemon). A request
+# is one SOCK_SEQPACKET message with the monitor's argv, carrying two fds: the status
+# pipe (the monitor's stdout) and its log (stderr). The zygote exits when the daemon's
+# end of the socket closes.
+
+
+def _zygote(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    os.chdir("/")
+    loaded: set[str] = set()
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 4)
+        except OSError:
+            break
+        if not msg:
+            break
+        try:
+            argv = [str(a) for a in json.loads(msg)["argv"]]
+        except (ValueError, KeyError, TypeError):
+            for f in fds:
+                os.close(f)
+            continue
+        ref = argv[argv.index("--backend") + 1] if "--backend" in argv[:-1] else ""
+        if ref and ref not in loaded:
+            loaded.add(ref)
+            try:  # warm: later monitors fork with the backend module already imported
+                _load_backend_class(ref)
+            except Exception:
+                pass  # the monitor reports the error itself
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sock.close()
+                if len(fds) == 2:
+                    os.dup2(fds[0], 1)
+                    os.dup2(fds[1], 2)
+                for f in fds:
+                    os.close(f)
+                main(argv)
+            finally:
+                os._exit(1)
+        for f in fds:
+            os.close(f)
+        try:
+            os.waitpid(pid, 0)  # it exits as soon as it has forked the monitor
+        except ChildProcessError:
+            pass
+    os._exit(0)
+
+
+class _ZygoteClient:
+    """The daemon's handle on its zygote (one per daemon process, started lazily)."""
+
+    _lock: Any = None
+    _instance: _ZygoteClient | None = None
+
+    def __init__(self) -> None:
+        import subprocess
+
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pallet.shim", "--zygote", str(child.fileno())],
+                pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                cwd="/",
+            )
+        finally:
+            child.close()
+        self.sock = parent
+        self.env = dict(os.environ)  # a monitor gets the environment a spawn would give
+
+    @classmethod
+    def spawn(cls, argv: list[str], status_w: int, errlog: int) -> bool:
+        """Ask the zygote for a monitor; False if there is no working zygote."""
+        import threading
+
+        if cls._lock is None:
+            cls._lock = threading.Lock()
+        with cls._lock:
+            for _ in range(2):
+                inst = cls._instance
+                if inst is not None and (inst.proc.poll() is not None or inst.env != os.environ):
+                    inst.close()
+                    inst = cls._instance = None
+                if inst is None:
+                    try:
+                        inst = cls._instance = cls()
+                    except OSError:
+                        return False
+                try:
+                    payload = json.dumps({"argv": argv}).encode()
+                    socket.send_fds(inst.sock, [payload], [status_w, errlog])
+                    return True
+                except OSError:
+                    inst.close()
+                    cls._instance = None
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=5)
+        except Exception:
+            self.proc.kill()
+
+    @classmethod
+    def shutdown(cls) -> None:
+        """Stop the zygote (monitors it made live on)."""
+        if cls._instance is not None:
+            cls._instance.close()
+            cls._instance = None
+
+
+def use_zygote() -> bool:
+    """Whether launches go through the zygote (``PALLET_SHIM_ZYGOTE=0`` turns it off)."""
+    return os.environ.get("PALLET_SHIM_ZYGOTE", "1") != "0"
 
 
 # --- the daemon's client -----------------------------------------------------------------
@@ -769,31 +919,34 @@ class ShimClient:
         ]
         if stdin:
             args.append("--stdin")
-        import subprocess
-
         errlog = os.open(
             str(bundle / LOG_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
         )
+        status_r, status_w = os.pipe()
         try:
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=errlog,
-                cwd="/",
-                close_fds=True,
-            )
+            if use_zygote() and _ZygoteClient.spawn(args[3:], status_w, errlog):
+                first = None
+            else:
+                import subprocess
+
+                first = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=status_w, stderr=errlog, cwd="/"
+                )
+        except BaseException:
+            os.close(status_r)
+            raise
         finally:
             os.close(errlog)
-        assert proc.stdout is not None
+            os.close(status_w)
         try:
-            line = await _read_line(proc.stdout.fileno())
+            line = await _read_line(status_r)
         finally:
-            proc.stdout.close()
-            try:  # the first process exits as soon as it has forked the monitor
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+            os.close(status_r)
+            if first is not None:
+                try:  # the first process exits as soon as it has forked the monitor
+                    first.wait(timeout=10)
+                except Exception:
+                    pass
         try:
             msg = json.loads(line) if line.strip() else {}
         except ValueError:
@@ -908,6 +1061,7 @@ class ShimClient:
         event = msg.get("event")
         if event == "created":
             self.pid = int(msg.get("pid", 0))
+            self.started = bool(msg.get("started", False))
             if not self._created.done():
                 self._created.set_result(self.pid)
         elif event == "started":

@@ -414,3 +414,29 @@ asyncio.run(main())
     assert not alive(init_pid)
     assert cgroup_dirs(cg) == []
     assert mounts_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("chunk", [1, 1000, 2048, 16384, 65536, 10**9])
+def test_log_lines_split_the_same_whatever_the_reads(tmp_path: Path, chunk: int) -> None:
+    from pallet.shim import Monitor, _Output
+
+    data = b"short\n" + b"x" * 16383 + b"\n" + b"y" * 16384 + b"\n" + b"z" * 40000 + b"\ntail"
+    m = Monitor(tmp_path, None, str(tmp_path / "log.json"), False)  # type: ignore[arg-type]
+    m.log_fd = os.open(tmp_path / "log.json", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    out = _Output(-1, 1)
+    for i in range(0, len(data), chunk):
+        m.log(out, data[i : i + chunk])
+    m.write_log([])
+    assert bytes(out.pending) == b"tail"
+    os.close(m.log_fd)
+    parts = [e["log"] for e in read_log(tmp_path / "log.json")]
+    assert parts == [
+        "short\n",
+        "x" * 16383 + "\n",
+        "y" * 16384,
+        "\n",
+        "z" * 16384,
+        "z" * 16384,
+        "z" * 7232 + "\n",
+    ]
+    assert "".join(parts) + "tail" == data.decode()

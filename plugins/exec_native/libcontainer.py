@@ -14,15 +14,22 @@ The init is reparented to the monitor when the intermediate exits (the monitor i
 child subreaper), so the monitor can ``waitpid`` it. Two pipes tie them: *sync*
 (monitor -> init: one byte means "exec now", EOF means "give up") and *status* (init ->
 monitor, close-on-exec: JSON lines; EOF after "ready" means the exec succeeded).
+
+Everything the children need is imported at the top: after pivot_root the host's
+Python library is out of reach, so a lazy import there would fail.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import resource
 import signal
+import socket
 import stat
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -327,8 +334,6 @@ class _Plan:
 
     @classmethod
     def _from_spec(cls, bundle: Path, spec: dict[str, Any]) -> _Plan:
-        import resource
-
         proc = spec.get("process") or {}
         lnx = spec.get("linux") or {}
         args = [str(a) for a in proc.get("args") or []]
@@ -536,8 +541,6 @@ class _Init:
 
     def setup_stdio(self) -> None:
         self.step = "set up stdio"
-        import fcntl
-
         stdin = self.stdio.stdin
         if stdin is None:
             stdin = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -718,10 +721,6 @@ class _Init:
         if not self.plan.new & linux.CLONE_NEWNET:
             return
         self.step = "bring lo up"
-        import fcntl
-        import socket
-        import struct
-
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 0)
         try:
             req = struct.pack("16sH14x", b"lo", 0)
@@ -752,8 +751,6 @@ class _Init:
             _remount_bind("/", linux.MS_RDONLY)
 
     def process_attrs(self) -> None:
-        import resource
-
         plan = self.plan
         if plan.oom_score_adj is not None:
             self.step = "set oom_score_adj"
