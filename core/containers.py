@@ -34,6 +34,38 @@ log = logging.getLogger("pallet.containers")
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
 NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
+# What Docker's inspect shows for fields the request left out.
+HOST_CONFIG_DEFAULTS: dict[str, Any] = {
+    "Binds": None,
+    "ContainerIDFile": "",
+    "LogConfig": {"Type": "json-file", "Config": {}},
+    "PortBindings": {},
+    "VolumeDriver": "",
+    "VolumesFrom": None,
+    "CapAdd": None,
+    "CapDrop": None,
+    "CgroupnsMode": "private",
+    "Dns": [],
+    "DnsOptions": [],
+    "DnsSearch": [],
+    "ExtraHosts": None,
+    "GroupAdd": None,
+    "IpcMode": "private",
+    "Links": None,
+    "OomScoreAdj": 0,
+    "PidMode": "",
+    "Privileged": False,
+    "PublishAllPorts": False,
+    "ReadonlyRootfs": False,
+    "SecurityOpt": None,
+    "UTSMode": "",
+    "UsernsMode": "",
+    "ShmSize": 67108864,
+    "ConsoleSize": [0, 0],
+    "Isolation": "",
+    "MaskedPaths": None,
+    "ReadonlyPaths": None,
+}
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS containers (
         id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, created TEXT NOT NULL,
@@ -242,9 +274,11 @@ class Containers:
             Labels=labels,
             StopSignal=cfg.StopSignal or image.get("StopSignal"),
         )
-        host_config = hc.model_dump()
+        host_config = {**HOST_CONFIG_DEFAULTS, **hc.model_dump(exclude_none=True)}
         host_config["Runtime"] = runtime
         host_config["NetworkMode"] = hc.NetworkMode or "default"
+        if not host_config.get("RestartPolicy", {}).get("Name"):
+            host_config["RestartPolicy"] = {"Name": "no", "MaximumRetryCount": 0}
         data_dir = self.data_dir(cid)
         doc: dict[str, Any] = {
             "Id": cid,
@@ -351,7 +385,7 @@ class Containers:
 
     async def _start_locked(self, c: Container) -> None:
         from pallet.execution import ExecError
-        from pallet.mount import mount_all, unmount
+        from pallet.mount import mount_all
         from pallet.shim import ShimClient
         from pallet.spec import build_spec
 
@@ -398,7 +432,6 @@ class Containers:
                 await shim.close()
                 raise
         except ExecError as e:
-            await asyncio.to_thread(unmount, str(rootfs))
             await asyncio.to_thread(self._teardown_bundle, bundle)
             c.state.update(ExitCode=e.exit_code, Error=e.message)
             self.save(c)
@@ -428,11 +461,13 @@ class Containers:
         self._spawn(self._watch(c, shim))
 
     def _teardown_bundle(self, bundle: Path) -> None:
-        from pallet.mount import unmount
+        from pallet.mount import unmount_all
 
         rootfs = bundle / "rootfs"
-        if os.path.ismount(rootfs):
-            unmount(str(rootfs))
+        if rootfs.exists():
+            unmount_all(str(rootfs))
+            # rmdir, never rmtree: a rootfs still mounted must not be emptied.
+            os.rmdir(rootfs)
         shutil.rmtree(bundle, ignore_errors=True)
 
     async def _watch(self, c: Container, shim: ShimClient) -> None:

@@ -68,4 +68,18 @@ def unmount(target: str) -> None:
 
 
 def is_mountpoint(path: str) -> bool:
-    return os.path.ismount(path)
+    """Whether ``path`` is a mount point, bind mounts of the same filesystem included
+    (``os.path.ismount`` misses those), read from /proc/self/mountinfo."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split(" ", 5)[4].replace("\\040", " ")
+            if point == target:
+                return True
+    return False
+
+
+def unmount_all(target: str) -> None:
+    """Unmount every mount stacked on ``target``."""
+    while is_mountpoint(target):
+        unmount(target)

@@ -205,7 +205,7 @@ def test_logs_streams_tail_timestamps(client: Any) -> None:
     c.wait(timeout=60)
     assert c.logs(stdout=True, stderr=False) == b"out1\nout2\n"
     assert c.logs(stdout=False, stderr=True) == b"err1\n"
-    assert c.logs(tail=1) == b"out2\n"
+    assert c.logs(tail=1, stderr=False) == b"out2\n"
     stamped = c.logs(timestamps=True, stderr=False).decode().splitlines()
     assert len(stamped) == 2 and stamped[0].endswith(" out1") and stamped[0][:4].isdigit()
     assert "Z " in stamped[0]
@@ -378,7 +378,7 @@ def test_wait_sends_headers_before_exit_and_attach_hijacks(daemon: Daemon) -> No
     rest_of_attach = head.split(b"\r\n\r\n", 1)[1]
     wait, whead = raw(
         daemon,
-        f"POST /containers/{cid}/wait?condition=next-exit HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+        f"POST /containers/{cid}/wait?condition=next-exit HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
     )
     # Headers arrive while the container has not even started.
     assert whead.startswith(b"HTTP/1.1 200")
