@@ -523,3 +523,106 @@ def test_probe_and_hook() -> None:
     assert exec_native.pallet_exec_backends_v1() == [NativeBackend]
     assert NativeBackend.name == "native"
     NativeBackend.probe()
+
+
+# --- the backend on its own, and its helpers ----------------------------------------------
+
+
+def test_backend_directly_without_shim(tmp_path: Path) -> None:
+    """create/start/delete called in-process: the caller becomes the init's parent (the
+    backend makes it a subreaper) and modules needed after pivot_root are preloaded."""
+    from pallet.execution import Stdio
+    from pallet.plugins.exec_native.libcontainer import NativeBackend
+
+    bundle, spec = make_bundle(tmp_path, ["sh", "-c", "echo direct; exit 6"])
+    backend = NativeBackend()
+    r, w = os.pipe()
+    try:
+        pid = backend.create(bundle, spec, Stdio(None, w, w))
+        os.close(w)
+        w = -1
+        backend.start(bundle, pid)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 6
+        assert os.read(r, 100) == b"direct\n"
+        assert not backend.oom_killed(bundle, spec)
+        backend.delete(bundle, spec)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert_clean(tmp_path, spec, [pid])
+
+
+@pytest.mark.parametrize("zygote", ["1", "0"])
+def test_with_and_without_zygote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zygote: str
+) -> None:
+    monkeypatch.setenv("PALLET_SHIM_ZYGOTE", zygote)
+    r = sh(tmp_path, "echo $$ ok")
+    assert r.stdout == "1 ok\n"
+
+
+def test_secure_join_stays_inside(tmp_path: Path) -> None:
+    from pallet.plugins.exec_native.libcontainer import secure_join
+
+    root = tmp_path / "root"
+    (root / "a/b").mkdir(parents=True)
+    (root / "abs").symlink_to("/etc")
+    (root / "rel").symlink_to("../../../../etc")
+    (root / "a/up").symlink_to("..")
+    (root / "loop").symlink_to("loop")
+    r = str(root)
+    assert secure_join(r, "/abs/passwd") == f"{r}/etc/passwd"
+    assert secure_join(r, "/rel") == f"{r}/etc"
+    assert secure_join(r, "/../../x") == f"{r}/x"
+    assert secure_join(r, "/a/up/a/b/new/dir") == f"{r}/a/b/new/dir"
+    assert secure_join(r, "/") == r
+    with pytest.raises(OSError):
+        secure_join(r, "/loop")
+
+
+def test_parse_mount_options() -> None:
+    from pallet import linux
+    from pallet.plugins.exec_native.libcontainer import parse_mount_options
+
+    flags, data, prop = parse_mount_options(
+        ["rbind", "ro", "nosuid", "rw", "rprivate", "mode=755", "size=1k"]
+    )
+    assert flags == linux.MS_BIND | linux.MS_REC | linux.MS_NOSUID
+    assert data == "mode=755,size=1k"
+    assert prop == [linux.MS_PRIVATE | linux.MS_REC]
+
+
+def test_cgroup_v2_layout(tmp_path: Path) -> None:
+    """The v2 code path on the machine's cgroup2 hierarchy (controller-less when the
+    host is hybrid): create, join, list, kill, remove."""
+    import subprocess
+
+    from pallet.cgroups import UNIFIED, Cgroup, Hierarchies, hierarchies
+
+    unified = hierarchies().unified
+    if unified is None:
+        pytest.skip("no cgroup2 hierarchy")
+    cg = Cgroup(f"/pallet-test-v2-{uuid.uuid4().hex[:8]}/sub", Hierarchies({}, {}, unified))
+    assert cg.version == 2 and list(cg.dirs) == [UNIFIED]
+    cg.create({})
+    try:
+        proc = subprocess.Popen(["sleep", "1000"])
+        cg.add(proc.pid)
+        assert cg.pids() == [proc.pid]
+        cg.kill_all()
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        cg.destroy()
+        os.rmdir(os.path.dirname(cg.dirs[UNIFIED]))
+    assert not cg.exists()
+
+
+def test_cgroup_rejects_escaping_paths() -> None:
+    from pallet.cgroups import Cgroup
+
+    with pytest.raises(ValueError):
+        Cgroup("/../..")
+    with pytest.raises(ValueError):
+        Cgroup("")
