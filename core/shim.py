@@ -555,10 +555,10 @@ class Monitor:
             self.sel.unregister(self.listener)
             self.listener.close()
         _unlink(os.path.join(str(self.bundle), SOCKET_NAME))
+        _unlink(os.path.join(str(self.bundle), PID_NAME))
         for c in list(self.clients.values()):
             self.send(c, {"event": "exit", **status})
         self.flush_all()
-        _unlink(os.path.join(str(self.bundle), PID_NAME))
 
     def flush_all(self) -> None:
         deadline = time.monotonic() + FLUSH_TIMEOUT

@@ -55,6 +55,9 @@ def make_rootfs(dest: Path) -> Path:
         )
         (tpl / "etc/hostname").write_text("host\n")
         _TEMPLATE = tpl
+        import atexit
+
+        atexit.register(shutil.rmtree, tpl, True)
     shutil.copytree(_TEMPLATE, dest, symlinks=True)
     return dest
 
