@@ -138,6 +138,12 @@ class Daemon:
         return r.stdout.strip()
 
     def cleanup(self) -> None:
+        # Live-restore keeps containers running past the daemon: remove them first.
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                _, found = self.api("GET", "/containers/json?all=1")
+                for c in found or []:
+                    self.api("DELETE", f"/containers/{c['Id']}?force=1")
         self.stop()
         # Whatever the daemon left mounted is a leak: report it, then clean the machine.
         leftovers = mounts_under(self.data_root) + mounts_under(self.exec_root)
