@@ -182,36 +182,64 @@ def detect_compression(head: bytes) -> str:
     return "none"
 
 
+class _Source:
+    """The caller's stream; remembers a failure of its own so that it is reported as
+    what it is (a client going away), not as corrupt data."""
+
+    def __init__(self, stream: _Reader) -> None:
+        self._stream = stream
+        self.error: BaseException | None = None
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._stream.read(n)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def readable(self) -> bool:
+        return True
+
+
 @contextlib.contextmanager
-def decompressed(stream: _Reader) -> Iterator[_Reader]:
-    """The uncompressed bytes of ``stream``, whatever its compression."""
-    head = _read_exact(stream, 6)
-    src = _Prefixed(head, stream)
+def _decompressor(src: _Source) -> Iterator[_Reader]:
+    head = _read_exact(src, 6)
+    pre = _Prefixed(head, src)
     kind = detect_compression(head)
     if kind == "none":
-        yield src
+        yield pre
     elif kind == "gzip":
-        with gzip.GzipFile(fileobj=cast(Any, src), mode="rb") as g:
+        with gzip.GzipFile(fileobj=cast(Any, pre), mode="rb") as g:
             yield g
     elif kind == "bzip2":
-        with bz2.BZ2File(cast(Any, src), mode="rb") as b:
+        with bz2.BZ2File(cast(Any, pre), mode="rb") as b:
             yield b
     elif kind == "xz":
-        with lzma.LZMAFile(cast(Any, src), mode="rb") as x:
+        with lzma.LZMAFile(cast(Any, pre), mode="rb") as x:
             yield x
     else:
-        z = _Subprocess(["zstd", "-dcq"], src)
+        z = _Subprocess(["zstd", "-dcq"], pre)
         try:
             yield z
         finally:
             z.close()
 
 
-class _Hashing:
-    """Hashes (sha256) and counts what is read through it."""
+@contextlib.contextmanager
+def decompressed(stream: _Reader) -> Iterator[_Reader]:
+    """The uncompressed bytes of ``stream``, whatever its compression."""
+    src = _Source(stream)
+    with _decompressor(src) as raw:
+        yield _Hashing(raw, src)
 
-    def __init__(self, src: _Reader) -> None:
+
+class _Hashing:
+    """Hashes (sha256) and counts what is read through it; decompression errors become
+    ``InvalidArgument``, the source's own errors pass unchanged."""
+
+    def __init__(self, src: _Reader, source: _Source) -> None:
         self._src = src
+        self._source = source
         self.hash = hashlib.sha256()
         self.count = 0
 
@@ -219,6 +247,8 @@ class _Hashing:
         try:
             data = self._src.read(n)
         except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+            if self._source.error is not None:
+                raise self._source.error from None
             if isinstance(e, OSError) and e.errno is not None:
                 raise
             raise InvalidArgument(f"invalid compressed layer: {e}") from e
@@ -707,8 +737,9 @@ def apply_layer(stream: _Reader, target: Path, whiteouts: WhiteoutFormat) -> App
     On error the target is left partly written: the caller owns it (the Graph writes
     into a temporary snapshot and removes it).
     """
-    with decompressed(stream) as raw:
-        h = _Hashing(raw)
+    source = _Source(stream)
+    with _decompressor(source) as raw:
+        h = _Hashing(raw, source)
         head = _read_exact(h, 1)
         if head:
             src = _Prefixed(head, h)

@@ -885,24 +885,31 @@ class Graph:
                 and self.store.one("SELECT 1 FROM images WHERE id = ?", (parent_image,)) is None
             ):
                 raise NotFound(f"No such image: {parent_image}")
+            had_image = self.store.one("SELECT 1 FROM images WHERE id = ?", (image_id,))
             self.write_blob(config)
             size = sum(c.size for c in chain)
-            with self.store.transaction() as db:
-                exists = db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone()
-                if not exists:
-                    self._add_refs(db, chain)
-                    db.execute(
-                        "INSERT INTO images (id, top_layer, parent, created, size, added)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        (image_id, top, parent_image, created, size, time.time()),
-                    )
-                    for pos, info in enumerate(reversed(chain)):
+            try:
+                with self.store.transaction() as db:
+                    exists = db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone()
+                    if not exists:
+                        self._add_refs(db, chain)
                         db.execute(
-                            "INSERT INTO image_layers (image_id, position, chain_id) VALUES (?, ?, ?)",
-                            (image_id, pos, info.chain_id),
+                            "INSERT INTO images (id, top_layer, parent, created, size, added)"
+                            " VALUES (?, ?, ?, ?, ?, ?)",
+                            (image_id, top, parent_image, created, size, time.time()),
                         )
-                if ref is not None:
-                    self._set_ref(db, ref, image_id, ev)
+                        for pos, info in enumerate(reversed(chain)):
+                            db.execute(
+                                "INSERT INTO image_layers (image_id, position, chain_id) VALUES (?, ?, ?)",
+                                (image_id, pos, info.chain_id),
+                            )
+                    if ref is not None:
+                        self._set_ref(db, ref, image_id, ev)
+            except BaseException:
+                if not had_image:  # the blob is ours: no row will ever name it
+                    with contextlib.suppress(FileNotFoundError):
+                        self._blob_path(image_id).unlink()
+                raise
             if not exists:
                 self._forget_pending(chain)
         ev.image(action, image_id, ref.familiar() if ref else None)
