@@ -678,7 +678,10 @@ def _serve(bundle: Path, opts: dict[str, Any], status_fd: int) -> int:
         _trace("backend loaded")
         monitor = Monitor(bundle, backend, opts["log"], opts["stdin"])
         monitor.watch_children()
-        monitor.create()
+        try:
+            monitor.create()
+        except (OSError, ValueError) as e:  # unreadable config.json, unwritable log...
+            raise ExecError(f"shim: {e}", 125) from e
     except ExecError as e:
         status = {
             "exit_code": e.exit_code,

@@ -440,3 +440,14 @@ def test_log_lines_split_the_same_whatever_the_reads(tmp_path: Path, chunk: int)
         "z" * 7232 + "\n",
     ]
     assert "".join(parts) + "tail" == data.decode()
+
+
+def test_setup_error_is_reported_with_exit_json(tmp_path: Path) -> None:
+    bundle = plain_bundle(tmp_path, ["true"])
+    (bundle / "config.json").write_text("{not json")
+    with pytest.raises(ExecError) as info:
+        arun(launch(bundle, Output()))
+    assert info.value.exit_code == 125
+    assert info.value.message.startswith("shim: ")
+    st = read_exit(bundle)
+    assert st is not None and st.exit_code == 125
