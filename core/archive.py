@@ -55,7 +55,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 from pallet import mount
 from pallet.errors import InvalidArgument, NotFound
-from pallet.storage import WhiteoutFormat
+from pallet.storage import Mount, WhiteoutFormat
 
 if TYPE_CHECKING:
     from pallet.storage import StorageDriver
@@ -1121,6 +1121,21 @@ def write_diff(lower: Path | None, upper: Path, out: IO[bytes] | BinaryIO) -> No
         else:
             w.add(rel)
     tw.close()
+
+
+def export_snapshot(mounts: list[Mount], out: IO[bytes] | BinaryIO, scratch: Path) -> None:
+    """Mount ``mounts`` (a snapshot's) under ``scratch`` and write the tree as a tar."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    mnt = scratch / f"export-{secrets.token_hex(8)}"
+    mnt.mkdir()
+    try:
+        mount.mount_all(mounts, str(mnt))
+        try:
+            write_tar(mnt, out)
+        finally:
+            mount.unmount(str(mnt))
+    finally:
+        mnt.rmdir()
 
 
 def diff_snapshot(

@@ -1413,6 +1413,14 @@ class Graph:
             self._remove_layers(zero, infos, ev)
         self._emit(ev)
 
+    def export_rootfs(self, container_id: str, out: BinaryIO, mounted: Path | None = None) -> None:
+        """``docker export``: the container's whole filesystem as a tar. ``mounted``: where
+        it is mounted already (a running container); otherwise it is mounted for this."""
+        if mounted is not None:
+            archive.write_tar(mounted, out)
+            return
+        archive.export_snapshot(self.rootfs_mounts(container_id), out, self.tmp)
+
     def rootfs_diff(self, container_id: str, out: BinaryIO) -> None:
         """Write the container's changes as a layer tar (for commit)."""
         if not self.store.one("SELECT 1 FROM rootfs WHERE container_id = ?", (container_id,)):

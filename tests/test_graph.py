@@ -42,7 +42,7 @@ DRIVERS = registered_drivers()
 
 
 @pytest.fixture(scope="session")
-def busybox_tar(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def busybox_layer(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A busybox rootfs made from the host's /bin/busybox, tarred by GNU tar."""
     busybox = shutil.which("busybox")
     if busybox is None:
@@ -190,10 +190,10 @@ def diff_id(data: bytes) -> str:
 # --- import, resolve, inspect, list -----------------------------------------------------
 
 
-def test_import_resolve(env: Env, busybox_tar: bytes) -> None:
+def test_import_resolve(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
     t0 = time.monotonic()
-    image_id = g.import_image(io.BytesIO(busybox_tar), "busybox")
+    image_id = g.import_image(io.BytesIO(busybox_layer), "busybox")
     elapsed = time.monotonic() - t0
     print(f"\nimport of a busybox rootfs on {env.driver.name}: {elapsed * 1000:.1f} ms")
     hexid = image_id.removeprefix("sha256:")
@@ -233,10 +233,12 @@ def test_short_id_must_be_unambiguous(env: Env) -> None:
         assert g.resolve(i[7:19]) == i
 
 
-def test_inspect_and_config(env: Env, busybox_tar: bytes) -> None:
+def test_inspect_and_config(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
     changes = ['CMD ["sh"]', "ENV PATH=/bin:/sbin", "LABEL org.example=yes", "WORKDIR /root"]
-    image_id = g.import_image(io.BytesIO(busybox_tar), "me/bb:1", changes=changes, message="hello")
+    image_id = g.import_image(
+        io.BytesIO(busybox_layer), "me/bb:1", changes=changes, message="hello"
+    )
     info = g.inspect("me/bb:1")
     assert list(info) == [
         "Id",
@@ -274,7 +276,7 @@ def test_inspect_and_config(env: Env, busybox_tar: bytes) -> None:
         "s390x",
         "riscv64",
     )
-    assert info["RootFS"] == {"Type": "layers", "Layers": [diff_id(busybox_tar)]}
+    assert info["RootFS"] == {"Type": "layers", "Layers": [diff_id(busybox_layer)]}
     assert info["GraphDriver"]["Name"] == env.driver.name
     if env.driver.name == "overlay":
         assert info["GraphDriver"]["Data"]["UpperDir"].endswith("/diff")
@@ -282,17 +284,17 @@ def test_inspect_and_config(env: Env, busybox_tar: bytes) -> None:
     assert busybox_size <= info["Size"] < busybox_size + 100_000
     assert info["Metadata"]["LastTagTime"] != "0001-01-01T00:00:00Z"
     cfg = g.image_config(image_id)
-    assert cfg["rootfs"] == {"type": "layers", "diff_ids": [diff_id(busybox_tar)]}
+    assert cfg["rootfs"] == {"type": "layers", "diff_ids": [diff_id(busybox_layer)]}
     assert cfg["history"] == [{"created": cfg["created"], "comment": "hello"}]
     json.dumps(info)  # all of it is JSON
-    default = g.inspect(g.import_image(io.BytesIO(busybox_tar), None))
+    default = g.inspect(g.import_image(io.BytesIO(busybox_layer), None))
     assert default["Comment"] == "Imported from -" and default["RepoTags"] == []
     assert default["Metadata"]["LastTagTime"] == "0001-01-01T00:00:00Z"
 
 
-def test_list_images(env: Env, busybox_tar: bytes) -> None:
+def test_list_images(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
-    a = g.import_image(io.BytesIO(busybox_tar), "busybox", changes=["LABEL a=1"])
+    a = g.import_image(io.BytesIO(busybox_layer), "busybox", changes=["LABEL a=1"])
     time.sleep(1.1)  # Created has a one-second resolution in the summary
     b = g.import_image(io.BytesIO(tar(("x", b"x"))), None, changes=["LABEL b=2"])
     images = g.list_images()
@@ -337,9 +339,9 @@ def test_list_images(env: Env, busybox_tar: bytes) -> None:
 # --- containers -----------------------------------------------------------------------
 
 
-def test_container_rootfs_runs_busybox(env: Env, busybox_tar: bytes) -> None:
+def test_container_rootfs_runs_busybox(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
-    image_id = g.import_image(io.BytesIO(busybox_tar), "busybox")
+    image_id = g.import_image(io.BytesIO(busybox_layer), "busybox")
     cid = secrets.token_hex(32)
     t0 = time.monotonic()
     mounts = g.prepare_rootfs(cid, image_id)
@@ -377,6 +379,17 @@ def test_container_rootfs_runs_busybox(env: Env, busybox_tar: bytes) -> None:
 
     names = set(tarfile.open(fileobj=io.BytesIO(buf.getvalue())).getnames())
     assert {"root/state", "bin/.wh.ls"} <= names and "bin/busybox" not in names
+    # docker export: the whole tree, whether mounted by the caller or not
+    for where in (None, "mounted"):
+        buf = io.BytesIO()
+        if where is None:
+            g.export_rootfs(cid, buf)
+        else:
+            with env.mounted(cid) as root:
+                g.export_rootfs(cid, buf, mounted=root)
+        names = set(tarfile.open(fileobj=io.BytesIO(buf.getvalue())).getnames())
+        assert {"bin/busybox", "bin/sh", "root/state", "etc/passwd"} <= names
+        assert "bin/ls" not in names and not any(".wh." in n for n in names)
     g.remove_rootfs(cid)
     with pytest.raises(NotFound):
         g.rootfs_mounts(cid)
@@ -405,9 +418,9 @@ def test_scratch_image_rootfs(env: Env) -> None:
 # --- tags and deletion ------------------------------------------------------------------
 
 
-def test_tag_and_untag(env: Env, busybox_tar: bytes) -> None:
+def test_tag_and_untag(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
-    a = g.import_image(io.BytesIO(busybox_tar), "busybox")
+    a = g.import_image(io.BytesIO(busybox_layer), "busybox")
     g.tag("busybox", "me/bb", "v1")
     g.tag(a[7:19], "localhost:5000/bb", None)
     assert g.inspect(a)["RepoTags"] == ["busybox:latest", "localhost:5000/bb:latest", "me/bb:v1"]
@@ -431,12 +444,12 @@ def test_tag_and_untag(env: Env, busybox_tar: bytes) -> None:
     assert g.resolve("busybox") == a
 
 
-def test_delete_rules_and_messages(env: Env, busybox_tar: bytes) -> None:
+def test_delete_rules_and_messages(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
-    a = g.import_image(io.BytesIO(busybox_tar), "busybox")
+    a = g.import_image(io.BytesIO(busybox_layer), "busybox")
     g.tag(a, "other", None)
     short = a[7:19]
-    layer = diff_id(busybox_tar)
+    layer = diff_id(busybox_layer)
     with pytest.raises(NotFound, match=r"^No such image: nope:latest$"):
         g.delete("nope")
     # by ID, with tags in two repositories
@@ -482,20 +495,20 @@ def test_delete_rules_and_messages(env: Env, busybox_tar: bytes) -> None:
     assert g.list_images() == []
 
 
-def test_delete_by_name_untags_then_deletes(env: Env, busybox_tar: bytes) -> None:
+def test_delete_by_name_untags_then_deletes(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
-    a = g.import_image(io.BytesIO(busybox_tar), "busybox")
+    a = g.import_image(io.BytesIO(busybox_layer), "busybox")
     assert g.delete("docker.io/library/busybox:latest") == [
         {"Untagged": "busybox:latest"},
         {"Deleted": a},
-        {"Deleted": diff_id(busybox_tar)},
+        {"Deleted": diff_id(busybox_layer)},
     ]
     # by ID with a single tag: untag and delete at once
-    a = g.import_image(io.BytesIO(busybox_tar), "busybox:1")
+    a = g.import_image(io.BytesIO(busybox_layer), "busybox:1")
     assert g.delete(a[7:15]) == [
         {"Untagged": "busybox:1"},
         {"Deleted": a},
-        {"Deleted": diff_id(busybox_tar)},
+        {"Deleted": diff_id(busybox_layer)},
     ]
 
 
@@ -517,9 +530,9 @@ def _child_image(g: Graph, parent: str, ref: str, data: bytes) -> str:
         )
 
 
-def test_child_images_and_pruning(env: Env, busybox_tar: bytes) -> None:
+def test_child_images_and_pruning(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
-    base = g.import_image(io.BytesIO(busybox_tar), "busybox")
+    base = g.import_image(io.BytesIO(busybox_layer), "busybox")
     child = _child_image(g, base, "child", tar(("added", b"a")))
     assert g.inspect("child")["Parent"] == base
     assert len(g.inspect("child")["RootFS"]["Layers"]) == 2
@@ -534,17 +547,17 @@ def test_child_images_and_pruning(env: Env, busybox_tar: bytes) -> None:
     assert {i["Id"] for i in g.list_images(all=True)} == {child, base}
     # deleting the child prunes the untagged parent, with both images' layers
     records = g.delete("child")
-    child_layer = archive.chain_id(diff_id(busybox_tar), diff_id(tar(("added", b"a"))))
+    child_layer = archive.chain_id(diff_id(busybox_layer), diff_id(tar(("added", b"a"))))
     assert records == [
         {"Untagged": "child:latest"},
         {"Deleted": child},
         {"Deleted": child_layer},
         {"Deleted": base},
-        {"Deleted": diff_id(busybox_tar)},
+        {"Deleted": diff_id(busybox_layer)},
     ]
     assert list(env.driver.walk()) == []
     # noprune keeps the parent
-    base = g.import_image(io.BytesIO(busybox_tar), None)
+    base = g.import_image(io.BytesIO(busybox_layer), None)
     child = _child_image(g, base, "child", tar(("added", b"a")))
     assert g.delete("child", noprune=True) == [
         {"Untagged": "child:latest"},
@@ -557,12 +570,12 @@ def test_child_images_and_pruning(env: Env, busybox_tar: bytes) -> None:
 # --- sharing, restart, failures ---------------------------------------------------------
 
 
-def test_shared_layers(env: Env, busybox_tar: bytes) -> None:
+def test_shared_layers(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
-    a = g.import_image(io.BytesIO(busybox_tar), "a")
-    b = g.import_image(io.BytesIO(gzip.compress(busybox_tar)), "b", changes=["CMD sh"])
+    a = g.import_image(io.BytesIO(busybox_layer), "a")
+    b = g.import_image(io.BytesIO(gzip.compress(busybox_layer)), "b", changes=["CMD sh"])
     assert a != b
-    layer = diff_id(busybox_tar)
+    layer = diff_id(busybox_layer)
     assert [i.key for i in env.driver.walk()] == [layer], "stored once"
     assert g.store.one("SELECT refs FROM layers WHERE chain_id = ?", (layer,))["refs"] == 2
     assert g.images_using_layer(layer) == sorted([a, b])
@@ -579,12 +592,12 @@ def test_shared_layers(env: Env, busybox_tar: bytes) -> None:
     assert [c for c in env.hook.calls if c[0] == "layer"][-1] == ("layer", "remove", layer)
 
 
-def test_events(env: Env, busybox_tar: bytes) -> None:
+def test_events(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
-    a = g.import_image(io.BytesIO(busybox_tar), "busybox")
+    a = g.import_image(io.BytesIO(busybox_layer), "busybox")
     g.tag(a, "me/x", "1")
     g.delete(a, force=True)
-    layer = diff_id(busybox_tar)
+    layer = diff_id(busybox_layer)
     assert env.hook.calls == [
         ("layer", "add", layer),
         ("image", "tag", a, "busybox:latest"),
@@ -597,9 +610,9 @@ def test_events(env: Env, busybox_tar: bytes) -> None:
     ]
 
 
-def test_restart_sees_everything(env: Env, busybox_tar: bytes) -> None:
+def test_restart_sees_everything(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
-    a = g.import_image(io.BytesIO(busybox_tar), "busybox", changes=["CMD sh"])
+    a = g.import_image(io.BytesIO(busybox_layer), "busybox", changes=["CMD sh"])
     g.tag(a, "me/bb", "v1")
     g.prepare_rootfs("ctr", a)
     with env.mounted("ctr") as root:
@@ -613,8 +626,8 @@ def test_restart_sees_everything(env: Env, busybox_tar: bytes) -> None:
     with env.mounted("ctr") as root:
         assert (root / "root/note").read_text() == "before restart"
     g.remove_rootfs("ctr")
-    b = g.import_image(io.BytesIO(busybox_tar), "again")
-    assert [i.key for i in env.driver.walk()] == [diff_id(busybox_tar)]
+    b = g.import_image(io.BytesIO(busybox_layer), "again")
+    assert [i.key for i in env.driver.walk()] == [diff_id(busybox_layer)]
     g.delete(a, force=True)
     g.delete(b)
     assert list(env.driver.walk()) == []
@@ -655,7 +668,7 @@ def state(env: Env) -> tuple[Any, ...]:
 
 
 def test_failures_mid_import_leave_nothing(
-    env: Env, busybox_tar: bytes, monkeypatch: pytest.MonkeyPatch
+    env: Env, busybox_layer: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     g = env.graph
     other = g.import_image(io.BytesIO(tar(("other", b"o"))), "other")
@@ -665,13 +678,13 @@ def test_failures_mid_import_leave_nothing(
         raise OSError(5, "disk on fire")
 
     failures: list[tuple[str, Any, type[BaseException]]] = [
-        ("client goes away", lambda: Flaky(busybox_tar, len(busybox_tar) // 2), OSError),
+        ("client goes away", lambda: Flaky(busybox_layer, len(busybox_layer) // 2), OSError),
         (
             "truncated tar",
-            lambda: io.BytesIO(busybox_tar[: len(busybox_tar) // 2]),
+            lambda: io.BytesIO(busybox_layer[: len(busybox_layer) // 2]),
             InvalidArgument,
         ),
-        ("corrupt gzip", lambda: io.BytesIO(gzip.compress(busybox_tar)[:5000]), InvalidArgument),
+        ("corrupt gzip", lambda: io.BytesIO(gzip.compress(busybox_layer)[:5000]), InvalidArgument),
         ("hostile tar", lambda: io.BytesIO(tar(("ok", b"1"), ("../evil", b"x"))), InvalidArgument),
     ]
     for what, stream, exc in failures:
@@ -684,7 +697,7 @@ def test_failures_mid_import_leave_nothing(
     for target in ("write_blob", "_set_ref"):
         monkeypatch.setattr(g, target, boom)
         with pytest.raises(OSError, match="disk on fire"):
-            g.import_image(io.BytesIO(busybox_tar), "busybox")
+            g.import_image(io.BytesIO(busybox_layer), "busybox")
         monkeypatch.undo()
         assert state(env) == before, target
     # a failure must not take a layer another image uses
@@ -695,18 +708,18 @@ def test_failures_mid_import_leave_nothing(
     assert state(env) == before
     # bad --change values are refused before anything is read
     with pytest.raises(InvalidArgument, match="run is not a valid change command"):
-        g.import_image(io.BytesIO(busybox_tar), "busybox", changes=["RUN rm -rf /"])
+        g.import_image(io.BytesIO(busybox_layer), "busybox", changes=["RUN rm -rf /"])
     with pytest.raises(InvalidArgument):
-        g.import_image(io.BytesIO(busybox_tar), "Busybox")
+        g.import_image(io.BytesIO(busybox_layer), "Busybox")
     with pytest.raises(InvalidArgument, match="not supported"):
-        g.import_image(io.BytesIO(busybox_tar), None, platform="windows/amd64")
+        g.import_image(io.BytesIO(busybox_layer), None, platform="windows/amd64")
     assert state(env) == before
     assert g.resolve("other") == other
 
 
-def test_cleanup_after_a_crash(env: Env, busybox_tar: bytes) -> None:
+def test_cleanup_after_a_crash(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
-    a = g.import_image(io.BytesIO(busybox_tar), "busybox")
+    a = g.import_image(io.BytesIO(busybox_layer), "busybox")
     g.prepare_rootfs("ctr", a)
     before = state(env)
     d = env.driver
@@ -715,10 +728,10 @@ def test_cleanup_after_a_crash(env: Env, busybox_tar: bytes) -> None:
     # container rootfs the database never heard of, half-written blobs and scratch files
     d.prepare("tmp-deadbeef", None)
     orphan = archive.chain_id(None, "sha256:" + "1" * 64)
-    d.prepare("tmp-x", diff_id(busybox_tar))
+    d.prepare("tmp-x", diff_id(busybox_layer))
     d.commit(orphan, "tmp-x")
     d.prepare("tmp-y", orphan)
-    d.prepare("unknown-container", diff_id(busybox_tar))
+    d.prepare("unknown-container", diff_id(busybox_layer))
     (g.blobs / ".tmp-1234").write_bytes(b"half")
     (g.blobs / ("f" * 64)).write_bytes(b"{}")
     (g.tmp / "scratch").write_text("x")
@@ -730,7 +743,7 @@ def test_cleanup_after_a_crash(env: Env, busybox_tar: bytes) -> None:
     env.graph.remove_rootfs("ctr")
 
 
-def test_concurrent_imports_and_deletes(env: Env, busybox_tar: bytes) -> None:
+def test_concurrent_imports_and_deletes(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
     errors: list[BaseException] = []
     ids: list[str] = []
@@ -738,7 +751,7 @@ def test_concurrent_imports_and_deletes(env: Env, busybox_tar: bytes) -> None:
     def importer(i: int) -> None:
         try:
             for j in range(3):
-                ids.append(g.import_image(io.BytesIO(busybox_tar), f"img{i}:{j}"))
+                ids.append(g.import_image(io.BytesIO(busybox_layer), f"img{i}:{j}"))
         except BaseException as e:
             errors.append(e)
 
@@ -764,13 +777,13 @@ def test_concurrent_imports_and_deletes(env: Env, busybox_tar: bytes) -> None:
     assert list(env.driver.walk()) == []
 
 
-def test_import_options(env: Env, busybox_tar: bytes) -> None:
+def test_import_options(env: Env, busybox_layer: bytes) -> None:
     g = env.graph
-    a = g.import_image(io.BytesIO(busybox_tar), "x", platform="linux/arm64/v8")
+    a = g.import_image(io.BytesIO(busybox_layer), "x", platform="linux/arm64/v8")
     cfg = g.image_config(a)
     assert (cfg["os"], cfg["architecture"], cfg["variant"]) == ("linux", "arm64", "v8")
     with pytest.raises(InvalidArgument, match="cannot import digest reference"):
-        g.import_image(io.BytesIO(busybox_tar), "x@sha256:" + "a" * 64)
+        g.import_image(io.BytesIO(busybox_layer), "x@sha256:" + "a" * 64)
 
 
 def test_apply_changes() -> None:
