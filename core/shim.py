@@ -62,6 +62,7 @@ DRAIN_TIMEOUT = 2.0  # after the init exits, how long to wait for the pipes to c
 FLUSH_TIMEOUT = 5.0  # how long to try to hand the exit event to clients
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NAME = 15
 
 _TRACE = bool(os.environ.get("PALLET_SHIM_TRACE"))
 
@@ -547,10 +548,13 @@ class Monitor:
         }
         if self.start_error is not None:
             status["error"] = self.start_error.message
-        _write_atomic(
-            os.path.join(str(self.bundle), EXIT_NAME),
-            json.dumps({**status, "pid": self.pid}).encode(),
-        )
+        try:
+            _write_atomic(
+                os.path.join(str(self.bundle), EXIT_NAME),
+                json.dumps({**status, "pid": self.pid}).encode(),
+            )
+        except OSError as e:  # the bundle is gone: the clients still get the event
+            print(f"shim: writing exit.json: {e}", file=sys.stderr)
         if self.listener is not None:
             self.sel.unregister(self.listener)
             self.listener.close()
@@ -613,13 +617,26 @@ def _parse_args(argv: list[str]) -> dict[str, Any]:
     return opts
 
 
-def _set_subreaper() -> None:
+def _prctl(option: int, arg: int | bytes) -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if libc.prctl(option, arg, 0, 0, 0) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+def _set_subreaper() -> None:
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _set_name(name: bytes) -> None:
+    """The process name ps shows (``comm``): monitors forked from the zygote would
+    otherwise look like the zygote."""
+    try:
+        _prctl(PR_SET_NAME, name)
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -654,6 +671,7 @@ def main(argv: list[str] | None = None) -> None:
         import traceback
 
         traceback.print_exc()
+        _unlink(str(bundle / PID_NAME))
         _report(status_fd, {"error": f"shim: {type(e).__name__}: {e}", "exit_code": 125})
         code = 1
     sys.stderr.flush()
@@ -672,9 +690,15 @@ def _report(fd: int, msg: dict[str, Any]) -> None:
 
 def _serve(bundle: Path, opts: dict[str, Any], status_fd: int) -> int:
     _set_subreaper()
+    _set_name(b"pallet-shim")
     monitor: Monitor | None = None
     try:
-        backend = _load_backend(opts["backend"])
+        try:
+            backend = _load_backend(opts["backend"])
+        except ExecError:
+            raise
+        except Exception as e:
+            raise ExecError(f"shim: loading backend {opts['backend']}: {e}", 125) from e
         _trace("backend loaded")
         monitor = Monitor(bundle, backend, opts["log"], opts["stdin"])
         monitor.watch_children()
@@ -717,6 +741,7 @@ def _serve(bundle: Path, opts: dict[str, Any], status_fd: int) -> int:
 def _zygote(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     os.chdir("/")
+    _set_name(b"pallet-zygote")
     loaded: set[str] = set()
     while True:
         try:
@@ -860,9 +885,13 @@ def shim_pid(bundle: Path) -> int | None:
     try:
         with open(os.path.join(str(bundle), PID_NAME)) as f:
             pid = int(f.read().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            return None
+        with open(f"/proc/{pid}/cmdline", "rb") as f:  # not some process that reused it
+            return pid if b"pallet.shim" in f.read() else None
+    except (OSError, ValueError, IndexError):
         return None
 
 

@@ -269,3 +269,32 @@ def plain_bundle(tmp: Path, args: list[str]) -> Path:
     bundle.mkdir()
     write_spec(bundle, {"ociVersion": "1.0.2", "process": {"args": args}})
     return bundle
+
+
+def kill_leftover_shims(root: Path) -> list[int]:
+    """After a (failed) test: SIGKILL the container of every monitor still running for
+    a bundle under ``root`` and let the monitor clean up; returns the monitors' pids."""
+    import asyncio
+    import signal
+
+    from pallet.shim import ShimClient, shim_pid
+
+    found = []
+    for pidfile in root.rglob("shim.pid"):
+        bundle = pidfile.parent
+        pid = shim_pid(bundle)
+        if pid is None:
+            continue
+        found.append(pid)
+
+        async def stop(bundle: Path = bundle) -> None:
+            client = await ShimClient.connect(bundle, lambda s, d: None)
+            await client.kill(signal.SIGKILL)
+            await asyncio.wait_for(client.wait(), 60)
+            await client.close()
+
+        try:
+            asyncio.run(stop())
+        except Exception:
+            os.kill(pid, signal.SIGKILL)
+    return found

@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +26,7 @@ from tests.rootfs import (
     alive,
     cgroup_dirs,
     have_busybox,
+    kill_leftover_shims,
     make_bundle,
     mounts_under,
     processes_in_cgroup,
@@ -39,6 +40,12 @@ pytestmark = [
 
 T = TypeVar("T")
 TIMEOUT = 120  # only to turn a hang into a failure; never a performance limit
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_shims(tmp_path: Path) -> Iterator[None]:
+    yield
+    assert kill_leftover_shims(tmp_path) == [], "a monitor was still running after the test"
 
 
 def arun(coro: Awaitable[T]) -> T:

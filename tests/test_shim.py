@@ -27,6 +27,7 @@ from tests.rootfs import (
     alive,
     cgroup_dirs,
     have_busybox,
+    kill_leftover_shims,
     make_bundle,
     mounts_under,
     plain_bundle,
@@ -46,6 +47,12 @@ def _importable_tests(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # the shim imports the test backend by name: make ``tests`` importable there
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_shims(tmp_path: Path) -> Iterator[None]:
+    yield
+    assert kill_leftover_shims(tmp_path) == [], "a monitor was still running after the test"
 
 
 def arun(coro: Awaitable[T]) -> T:
@@ -188,7 +195,8 @@ def test_bad_backend_reference(tmp_path: Path) -> None:
     bundle = plain_bundle(tmp_path, ["true"])
     with pytest.raises(ExecError) as info:
         arun(launch(bundle, Output(), backend="no.such.module:Backend"))
-    assert "No module named 'no'" in info.value.message
+    assert "loading backend no.such.module:Backend" in info.value.message
+    assert "No module named" in info.value.message
     assert info.value.exit_code == 125
 
 
