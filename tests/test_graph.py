@@ -287,6 +287,16 @@ def test_inspect_and_config(env: Env, busybox_layer: bytes) -> None:
     assert cfg["rootfs"] == {"type": "layers", "diff_ids": [diff_id(busybox_layer)]}
     assert cfg["history"] == [{"created": cfg["created"], "comment": "hello"}]
     json.dumps(info)  # all of it is JSON
+    assert g.history(image_id) == [
+        {
+            "Id": image_id,
+            "Created": int(parse_time(cfg["created"])),
+            "CreatedBy": "",
+            "Tags": ["me/bb:1"],
+            "Size": info["Size"],
+            "Comment": "hello",
+        }
+    ]
     default = g.inspect(g.import_image(io.BytesIO(busybox_layer), None))
     assert default["Comment"] == "Imported from -" and default["RepoTags"] == []
     assert default["Metadata"]["LastTagTime"] == "0001-01-01T00:00:00Z"
