@@ -751,18 +751,24 @@ def _zygote(fd: int) -> None:
         if not msg:
             break
         try:
-            argv = [str(a) for a in json.loads(msg)["argv"]]
-        except (ValueError, KeyError, TypeError):
+            req = json.loads(msg)
+            argv = [str(a) for a in req.get("argv") or []]
+            refs = [str(r) for r in req.get("preload") or []]
+        except (ValueError, TypeError, AttributeError):
+            argv, refs = [], []
+        if "--backend" in argv[:-1]:
+            refs.append(argv[argv.index("--backend") + 1])
+        for ref in refs:
+            if ref not in loaded:
+                loaded.add(ref)
+                try:  # warm: later monitors fork with the backend module imported
+                    _load_backend_class(ref)
+                except Exception:
+                    pass  # the monitor reports the error itself
+        if not argv:
             for f in fds:
                 os.close(f)
             continue
-        ref = argv[argv.index("--backend") + 1] if "--backend" in argv[:-1] else ""
-        if ref and ref not in loaded:
-            loaded.add(ref)
-            try:  # warm: later monitors fork with the backend module already imported
-                _load_backend_class(ref)
-            except Exception:
-                pass  # the monitor reports the error itself
         pid = os.fork()
         if pid == 0:
             try:
@@ -810,6 +816,10 @@ class _ZygoteClient:
     @classmethod
     def spawn(cls, argv: list[str], status_w: int, errlog: int) -> bool:
         """Ask the zygote for a monitor; False if there is no working zygote."""
+        return cls._send({"argv": argv}, [status_w, errlog])
+
+    @classmethod
+    def _send(cls, msg: dict[str, Any], fds: list[int]) -> bool:
         import threading
 
         if cls._lock is None:
@@ -826,8 +836,7 @@ class _ZygoteClient:
                     except OSError:
                         return False
                 try:
-                    payload = json.dumps({"argv": argv}).encode()
-                    socket.send_fds(inst.sock, [payload], [status_w, errlog])
+                    socket.send_fds(inst.sock, [json.dumps(msg).encode()], fds)
                     return True
                 except OSError:
                     inst.close()
@@ -1011,6 +1020,14 @@ class ShimClient:
             await client.close()
             raise
         return client
+
+    @staticmethod
+    def warm_up(backends: list[str]) -> None:
+        """Start the zygote now and have it import ``backends`` ("module:Class"), so
+        that the first ``launch`` is as fast as the next ones. Call at daemon start;
+        non-blocking, harmless when the zygote is turned off or cannot start."""
+        if use_zygote():
+            _ZygoteClient._send({"preload": list(backends)}, [])
 
     # --- operations ---------------------------------------------------------------------
 

@@ -459,3 +459,10 @@ def test_setup_error_is_reported_with_exit_json(tmp_path: Path) -> None:
     assert info.value.message.startswith("shim: ")
     st = read_exit(bundle)
     assert st is not None and st.exit_code == 125
+
+
+def test_warm_up_then_launch(tmp_path: Path) -> None:
+    ShimClient.warm_up([PLAIN, "no.such.module:Backend"])  # a bad one is ignored
+    bundle = plain_bundle(tmp_path, ["echo", "warm"])
+    st, out, _ = arun(run_plain(bundle))
+    assert (st.exit_code, out.get(1)) == (0, b"warm\n")
