@@ -93,14 +93,7 @@ class PalletGroup(click.Group):
             sys.exit(exc.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):
             sys.exit(130)
-        except BrokenPipeError:
-            # the reader went away (`pallet ps | head`): stop quietly, like any filter
-            try:
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-            except (OSError, ValueError):
-                pass
-            sys.exit(141)
+        # (a reader that went away, `pallet ps | head`, is click's: quiet exit 1)
         except Exception as exc:
             if _is_client_error(exc):
                 _fail(str(exc))
