@@ -64,6 +64,7 @@ class StreamError(ClientError):
 
 # --------------------------------------------------------------------------- helpers
 
+_PATH_SAFE = "/:@!$&'()*+,;="
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
@@ -498,7 +499,9 @@ class Client:
         params: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None,
     ) -> list[str]:
-        target = self.prefix + path + encode_query(params)
+        # names in paths (containers, images like "host:5000/a:b") are sent as given,
+        # with only what may not appear in a path segment escaped
+        target = self.prefix + quote(path, safe=_PATH_SAFE) + encode_query(params)
         lines = [
             f"{method} {target} HTTP/1.1",
             f"Host: {self.host_header}",

@@ -321,6 +321,13 @@ def test_query_encoding(server: StubServer, client: cl.Client) -> None:
     assert " " not in req.target and '"' not in req.target
 
 
+def test_path_is_escaped(server: StubServer, client: cl.Client) -> None:
+    server.json_route("GET", r"/images/.+/json", 200, {})
+    client.get("/images/localhost:5000/a b?c#d%/json")
+    (req,) = server.requests
+    assert req.target == "/v1.44/images/localhost:5000/a%20b%3Fc%23d%25/json"
+
+
 def test_quote_matches_urllib() -> None:
     from urllib.parse import quote
 
