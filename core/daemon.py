@@ -208,7 +208,10 @@ class Daemon:
 
     async def serve(self, stop: asyncio.Event) -> None:
         from pallet.server import Server
+        from pallet.shim import ShimClient
 
+        # The shim zygote imports the backends now, so the first `run` is as fast as the rest.
+        ShimClient.warm_up(list(self.exec_backends.values()))
         await self.containers.restore()
         server = Server(self.engine)
         gid = None
