@@ -35,6 +35,7 @@ class DaemonConfig(BaseModel):
     storage_driver: str | None = Field(None, alias="storage-driver")
     storage_opts: list[str] = Field(default_factory=list, alias="storage-opts")
     default_runtime: str = Field("native", alias="default-runtime")
+    cgroup_parent: str = Field("/pallet", alias="cgroup-parent")
     runtimes: dict[str, Runtime] = Field(default_factory=dict)
     log_level: Literal["debug", "info", "warn", "error", "fatal"] = Field("info", alias="log-level")
     live_restore: bool = Field(True, alias="live-restore")
@@ -51,6 +52,13 @@ class DaemonConfig(BaseModel):
         if not v.is_absolute():
             raise ValueError(f"must be an absolute path, got {str(v)!r}")
         return v
+
+    @field_validator("cgroup_parent")
+    @classmethod
+    def _cgroup_parent(cls, v: str) -> str:
+        if not v.startswith("/") or ".." in v.split("/"):
+            raise ValueError(f"must be an absolute cgroup path like /pallet, got {v!r}")
+        return v.rstrip("/") or "/"
 
     @field_validator("hosts")
     @classmethod

@@ -403,6 +403,7 @@ class Containers:
             etc_mounts = self._write_etc_files(c)
             spec = build_spec(
                 container_id=c.id,
+                cgroup_parent=self.daemon.config.cgroup_parent,
                 args=[c.doc["Path"], *c.doc["Args"]],
                 env=c.config["Env"],
                 cwd=c.config["WorkingDir"],

@@ -277,6 +277,7 @@ def _run(config: DaemonConfig) -> None:
     "--storage-opt", "storage_opts", multiple=True, help="Storage driver option KEY=VALUE"
 )
 @click.option("--default-runtime", help="Default execution backend for containers")
+@click.option("--cgroup-parent", help="Parent cgroup of all containers (default /pallet)")
 @click.option("-l", "--log-level", type=click.Choice(["debug", "info", "warn", "error", "fatal"]))
 @click.option(
     "--live-restore/--no-live-restore",
@@ -295,6 +296,7 @@ def main(config_file: Path | None, validate: bool, **flags: Any) -> None:
         "storage-driver": flags["storage_driver"],
         "storage-opts": list(flags["storage_opts"]) or None,
         "default-runtime": flags["default_runtime"],
+        "cgroup-parent": flags["cgroup_parent"],
         "log-level": flags["log_level"],
         "live-restore": flags["live_restore"],
         "group": flags["group"],

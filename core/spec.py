@@ -216,6 +216,7 @@ def merge_env(image_env: list[str], env: list[str]) -> list[str]:
 def build_spec(
     *,
     container_id: str,
+    cgroup_parent: str,
     args: list[str],
     env: list[str],
     cwd: str,
@@ -270,7 +271,7 @@ def build_spec(
         mounts=[*default_mounts(), *extra_mounts],
         linux=Linux(
             namespaces=[Namespace(type=t) for t in ("pid", "network", "ipc", "uts", "mount")],
-            cgroupsPath=f"/pallet/{container_id}",
+            cgroupsPath=f"{cgroup_parent.rstrip('/')}/{container_id}",
             resources=resources,
         ),
     )

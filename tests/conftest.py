@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+SESSION_DAEMONS: list[Daemon] = []  # every daemon this session made, for the leak check
 BIN = Path(sys.executable).parent
 PALLET = str(BIN / "pallet")
 PALLETD = str(BIN / "palletd")
@@ -46,7 +47,10 @@ class Daemon:
 
     def __init__(self, root: Path, storage_driver: str | None, extra: list[str]) -> None:
         # Exec roots hold unix sockets: keep them short (108-byte limit on socket paths).
-        self.exec_root = Path(f"/run/pallet-test-{uuid.uuid4().hex[:8]}")
+        self.name = f"pallet-test-{uuid.uuid4().hex[:8]}"
+        self.exec_root = Path(f"/run/{self.name}")
+        self.cgroup_parent = f"/{self.name}"
+        SESSION_DAEMONS.append(self)
         self.data_root = root / "data"
         self.sock = str(self.exec_root) + ".sock"
         self.host = f"unix://{self.sock}"
@@ -61,6 +65,8 @@ class Daemon:
             self.host,
             "--config-file",
             str(root / "daemon.json"),
+            "--cgroup-parent",
+            self.cgroup_parent,
             *(["--storage-driver", storage_driver] if storage_driver else []),
             *extra,
         ]
@@ -188,35 +194,44 @@ def daemon(
         d.cleanup()
 
 
-def _pallet_cgroups() -> set[str]:
-    found = set()
-    for base in Path("/sys/fs/cgroup").glob("*/pallet"):
-        found |= {str(p) for p in base.iterdir() if p.is_dir()}
-    unified = Path("/sys/fs/cgroup/pallet")
-    if unified.is_dir():
-        found |= {str(p) for p in unified.iterdir() if p.is_dir()}
+def _cgroups_of(parent: str) -> list[Path]:
+    """Container cgroups under ``parent`` in every mounted hierarchy (v1, v2, hybrid)."""
+    bases = [Path("/sys/fs/cgroup")] + [p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir()]
+    found = []
+    for base in bases:
+        d = base / parent.lstrip("/")
+        if d.is_dir():
+            found += [p for p in d.iterdir() if p.is_dir()]
     return found
 
 
-def _test_processes() -> list[str]:
+def _processes_mentioning(text: str) -> list[str]:
     out = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "/run/pallet-test-" in cmd:
+            if text in cmd:
                 out.append(f"{proc.name}: {cmd}")
     return out
 
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
-    """After the whole suite: no test mount, cgroup or process may remain."""
-    cgroups_before = _pallet_cgroups()
+    """After the whole suite: nothing that this session's daemons made may remain
+    (mounts, container cgroups, processes). Other sessions on the machine are ignored."""
     yield
     time.sleep(0.2)
-    leaks = [f"mount {m}" for m in mounts_under("/run/pallet-test-")]
-    leaks += [f"cgroup {c}" for c in sorted(_pallet_cgroups() - cgroups_before)]
-    leaks += [f"process {p}" for p in _test_processes()]
+    leaks = []
+    for d in SESSION_DAEMONS:
+        leaks += [f"mount {m}" for m in mounts_under(d.exec_root) + mounts_under(d.data_root)]
+        leaks += [f"cgroup {c}" for c in _cgroups_of(d.cgroup_parent)]
+        leaks += [f"process {p}" for p in _processes_mentioning(str(d.exec_root))]
+        for base in [
+            *Path("/sys/fs/cgroup").glob(d.name),
+            *Path("/sys/fs/cgroup").glob("*/" + d.name),
+        ]:
+            with contextlib.suppress(OSError):
+                base.rmdir()  # the parent cgroups, empty now
     assert not leaks, "the test suite left things behind:\n" + "\n".join(leaks)
