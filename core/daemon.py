@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import fcntl
 import grp
+import json
 import logging
 import os
 import secrets
@@ -153,7 +154,9 @@ class Daemon:
         return chosen
 
     def _select_exec_backends(self) -> None:
+        builtin: set[str] = set()
         for cls in self.plugins.collect("pallet_exec_backends_v1"):
+            builtin.add(cls.name)
             try:
                 cls.probe()
             except PluginSkip as skip:
@@ -161,12 +164,37 @@ class Daemon:
                 continue
             self.exec_backends[cls.name] = _import_string(cls)
             self._report("runtime", cls.name, "available")
+        self._configured_runtimes(builtin)
         if self.config.default_runtime not in self.exec_backends:
             known = ", ".join(sorted(self.exec_backends)) or "none"
             raise StartupError(
                 f"default-runtime {self.config.default_runtime!r} is not available "
                 f"(available: {known})"
             )
+
+    def _configured_runtimes(self, builtin: set[str]) -> None:
+        """``runtimes`` in the config: OCI runtime binaries run by the class that the
+        ``pallet_oci_runtime_class_v1`` hook provides (the exec_oci plugin)."""
+        if not self.config.runtimes:
+            return
+        oci = self.plugins.hook.pallet_oci_runtime_class_v1()
+        for name, rt in self.config.runtimes.items():
+            if name in builtin:
+                raise StartupError(
+                    f"runtimes: runtime name {name!r} is reserved (a built-in runtime); "
+                    "choose another name"
+                )
+            if oci is None:
+                self._report("runtime", name, "skipped", "no plugin runs OCI runtime binaries")
+                continue
+            try:
+                path = oci.probe_binary(rt.path)
+            except PluginSkip as skip:
+                self._report("runtime", name, "skipped", skip.reason)
+                continue
+            options = {"path": path, "runtime_args": list(rt.runtimeArgs), "name": name}
+            self.exec_backends[name] = f"{_import_string(oci)}?{json.dumps(options)}"
+            self._report("runtime", name, "available", f"configured: {path}")
 
     def _select_network_drivers(self) -> None:
         for cls in self.plugins.collect("pallet_network_drivers_v1"):
@@ -199,10 +227,17 @@ class Daemon:
         )
         self.graph.cleanup()
         self.containers = Containers(self)
+        from pallet.networks import Networks
+
+        self.networks = Networks(self)
+        self.networks.setup()
         # The core's jobs register through the same hook as a plugin's.
         self.plugins.register(SystemJobs(self), "core.system")
         self.plugins.register(ContainerJobs(self.containers), "core.containers")
         self.plugins.register(ImageJobs(self), "core.images")
+        from pallet.jobs.networks import NetworkJobs
+
+        self.plugins.register(NetworkJobs(self.networks), "core.networks")
         self.engine = Engine(self.plugins, daemon=self)
         self.engine.load_jobs()
 
@@ -213,6 +248,7 @@ class Daemon:
         # The shim zygote imports the backends now, so the first `run` is as fast as the rest.
         ShimClient.warm_up(list(self.exec_backends.values()))
         await self.containers.restore()
+        await self.networks.restore()
         server = Server(self.engine)
         gid = None
         if self.config.group:
@@ -235,6 +271,7 @@ class Daemon:
         finally:
             await server.close()
             await self.containers.shutdown(self.config.live_restore)
+            await self.networks.shutdown()
             for host in self.config.hosts:
                 if host.startswith("unix://"):
                     with contextlib.suppress(OSError):
@@ -286,6 +323,11 @@ def _run(config: DaemonConfig) -> None:
 )
 @click.option("-G", "--group", help="Group owning the unix socket")
 @click.option("-D", "--debug", is_flag=True, default=None, help="Debug logging")
+@click.option("-b", "--bridge", help="Name of the default bridge (default pallet0)")
+@click.option("--bip", help="Address and prefix of the default bridge, e.g. 172.17.0.1/16")
+@click.option("--iptables/--no-iptables", default=None, help="NAT, published ports, isolation")
+@click.option("--mtu", type=int, help="MTU of container interfaces (default 1500)")
+@click.option("--dns", "dns", multiple=True, help="Upstream DNS server for containers")
 @click.option("--validate", is_flag=True, help="Check the configuration and exit")
 def main(config_file: Path | None, validate: bool, **flags: Any) -> None:
     """The pallet daemon: serves the Docker Engine API."""
@@ -301,6 +343,11 @@ def main(config_file: Path | None, validate: bool, **flags: Any) -> None:
         "live-restore": flags["live_restore"],
         "group": flags["group"],
         "debug": flags["debug"],
+        "bridge": flags["bridge"],
+        "bip": flags["bip"],
+        "iptables": flags["iptables"],
+        "mtu": flags["mtu"],
+        "dns": list(flags["dns"]) or None,
     }
     path = config_file if config_file is not None else DEFAULT_CONFIG_FILE
     try:

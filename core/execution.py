@@ -19,11 +19,18 @@ from typing import Any, ClassVar
 
 @dataclass(frozen=True)
 class Stdio:
-    """The container-side ends of the container's stdio (file descriptors)."""
+    """The container-side ends of the container's stdio (file descriptors).
+
+    With ``process.terminal`` the container gets a pty instead: ``console`` is then a
+    connected unix socket on which the backend (or the container itself) sends the pty
+    master with ``SCM_RIGHTS``, exactly as runc does on its ``--console-socket``;
+    ``stdin``/``stdout``/``stderr`` are then only ``/dev/null`` for the runtime itself.
+    """
 
     stdin: int | None
     stdout: int
     stderr: int
+    console: int | None = None
 
 
 class ExecError(Exception):
@@ -66,6 +73,16 @@ class ExecBackend(ABC):
     @abstractmethod
     def delete(self, bundle: Path, spec: dict[str, Any]) -> None:
         """Remove what ``create`` made (cgroups...), after the process is gone."""
+
+    def exec(
+        self, bundle: Path, spec: dict[str, Any], pid: int, process: dict[str, Any], stdio: Stdio
+    ) -> int:
+        """Start one more process (an OCI ``process`` object) in the running container
+        whose init is ``pid``, in its namespaces and cgroup, under the same security
+        rules as the init. Returns its host pid; the process must end up a child of the
+        caller (the monitor is a child subreaper, so a reparented grandchild counts).
+        Raises :class:`ExecError` (127/126 for a missing/unusable executable)."""
+        raise ExecError(f"the {self.name} runtime cannot run processes in a container", 125)
 
     def oom_killed(self, bundle: Path, spec: dict[str, Any]) -> bool:
         """Whether the kernel's OOM killer ended the container; asked before delete."""

@@ -63,6 +63,19 @@ def pallet_exec_backends_v1() -> list[type[ExecBackend]]:
     """
 
 
+@hookspec(firstresult=True)
+def pallet_oci_runtime_class_v1() -> type[ExecBackend] | None:
+    """Return the backend class that drives an OCI runtime binary with runc's command
+    line (``create --bundle``, ``start``, ``exec --process``, ``delete``).
+
+    Called once at daemon start when the config has ``runtimes``: each entry
+    ``{"name": {"path": ..., "runtimeArgs": [...]}}`` becomes a runtime of that name,
+    run by this class. ``cls.probe_binary(path)`` returns the binary's absolute path or
+    raises ``PluginSkip``; the monitor instantiates ``cls(path=..., runtime_args=[...],
+    name=...)``. firstresult: the first plugin that provides one wins.
+    """
+
+
 @hookspec
 def pallet_network_drivers_v1() -> list[type[NetworkDriver]]:
     """Return network driver classes (see :class:`pallet.network.NetworkDriver`).

@@ -21,14 +21,27 @@ no pydantic: it is on the ``pallet run`` hot path), and then:
 Protocol on the socket: Docker frames (:mod:`pallet.streams`). Stream 0 carries stdin
 data to the shim, 1 and 2 output to clients; stream 4 carries one JSON control message
 per frame. Client -> shim: ``{"op": "start"}``, ``{"op": "kill", "signal": N}``,
-``{"op": "close_stdin"}``. Shim -> client: ``{"event": "created", "pid": N, "started":
-bool}`` (on connect), ``{"event": "started"}`` (to every client, after a start),
-``{"event": "error", "message": ..., "exit_code": N}`` (a failed start),
+``{"op": "close_stdin"}``, ``{"op": "resize", "height": H, "width": W}`` (a terminal's
+size). Shim -> client: ``{"event": "created", "pid": N, "started": bool}`` (on
+connect), ``{"event": "started"}`` (to every client, after a start),
+``{"event": "error", "message": ..., "exit_code": N}`` (a failed start or exec),
 ``{"event": "exit", "exit_code": N, "oom_killed": bool, "finished_at": RFC3339Nano}``.
+
+With ``process.terminal`` the container gets a pty (the backend hands the master over a
+console socket, as runc does); its output is then one raw stream, sent as stream 1 and
+logged as stdout.
+
+Exec: a client sends ``{"op": "exec", "id": ..., "process": {OCI process}, "stdin":
+bool}`` as its first control message; the shim asks the backend to start that process
+in the container and the connection becomes the process's: it gets
+``{"event": "exec_started", "pid": N}`` (or an error event), the process's output
+(only), its stdin, ``resize``/``kill``/``close_stdin`` apply to it, and its
+``exit`` event ends it. A dropped exec connection leaves the process running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -111,23 +124,57 @@ def _unlink(path: str) -> None:
 # --- the monitor --------------------------------------------------------------------------
 
 
+class _Proc:
+    """A process the monitor runs: the container's init, or one started by ``exec``."""
+
+    __slots__ = (
+        "client",
+        "console",
+        "drain_deadline",
+        "exec_id",
+        "exit_code",
+        "outputs",
+        "pid",
+        "stdin_buf",
+        "stdin_closing",
+        "stdin_fd",
+    )
+
+    def __init__(self, exec_id: str = "") -> None:
+        self.exec_id = exec_id
+        self.pid = 0
+        self.outputs: list[_Output] = []
+        self.stdin_fd: int | None = None
+        self.stdin_buf = bytearray()
+        self.stdin_closing = False
+        self.console: int | None = None  # the pty master (for writes and resize)
+        self.exit_code: int | None = None
+        self.drain_deadline: float | None = None
+        self.client: _Client | None = None  # an exec's one client
+
+    def drained(self) -> bool:
+        return all(o.eof for o in self.outputs)
+
+
 class _Client:
-    __slots__ = ("decoder", "outbuf", "sock")
+    __slots__ = ("decoder", "outbuf", "proc", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = FrameDecoder()
         self.outbuf = bytearray()
+        self.proc: _Proc | None = None  # set on an exec's connection
 
 
 class _Output:
-    """One of the container's output pipes and its json-file line buffer."""
+    """One of a process's output pipes (or its pty master) and its log line buffer."""
 
-    __slots__ = ("eof", "fd", "name", "pending", "stream")
+    __slots__ = ("eof", "fd", "name", "pending", "proc", "stream")
 
-    def __init__(self, fd: int, stream: int) -> None:
+    def __init__(self, fd: int, stream: int, proc: _Proc | None = None) -> None:
         self.fd = fd
         self.stream = stream
+        self.proc = proc
         self.name = "stdout" if stream == 1 else "stderr"
         self.pending = bytearray()
         self.eof = False
@@ -143,6 +190,29 @@ def _log_entry(data: bytes, name: str, ts: str) -> bytes:
     ).encode()
 
 
+def set_winsize(fd: int, height: int, width: int) -> None:
+    """TIOCSWINSZ on a pty (the kernel sends SIGWINCH to its foreground group)."""
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+
+def _receive_console(sock: socket.socket) -> int:
+    """The pty master the backend sent on the console socket (runc's protocol)."""
+    sock.settimeout(30)
+    try:
+        _msg, fds, _flags, _addr = socket.recv_fds(sock, 4096, 4)
+    except OSError as e:
+        raise ExecError(f"receiving the terminal from the runtime: {e}", 125) from None
+    if not fds:
+        raise ExecError("the runtime did not send a terminal", 125)
+    for extra in fds[1:]:
+        os.close(extra)
+    return fds[0]
+
+
 class Monitor:
     """The shim's state and event loop (one per container, single-threaded)."""
 
@@ -152,21 +222,30 @@ class Monitor:
         self.log_path = log_path
         self.open_stdin = stdin
         self.spec: dict[str, Any] = {}
-        self.pid = 0
+        self.init = _Proc()
+        self.execs: dict[int, _Proc] = {}  # pid -> exec'd process
         self.started = False
         self.start_error: ExecError | None = None
-        self.exit_code: int | None = None
         self.finished_at = ""
         self.sel = selectors.DefaultSelector()
         self.clients: dict[int, _Client] = {}
-        self.outputs: list[_Output] = []
         self.paused = False
-        self.stdin_fd: int | None = None
-        self.stdin_buf = bytearray()
-        self.stdin_closing = False
         self.log_fd = -1
         self.listener: socket.socket | None = None
         self.wake_r = -1
+
+    # the init's fields, under their historical names
+    @property
+    def pid(self) -> int:
+        return self.init.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.init.exit_code
+
+    @property
+    def outputs(self) -> list[_Output]:
+        return [o for p in (self.init, *self.execs.values()) for o in p.outputs]
 
     # --- setup ------------------------------------------------------------------------
 
@@ -177,30 +256,91 @@ class Monitor:
         self.log_fd = os.open(
             self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
         )
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        in_r: int | None = None
-        if self.open_stdin:
-            in_r, self.stdin_fd = os.pipe()
-            os.set_blocking(self.stdin_fd, False)
+        process = self.spec.get("process") or {}
+
+        def call(stdio: Stdio) -> int:
+            return self.backend.create(self.bundle, self.spec, stdio)
+
+        self._spawn(self.init, call, bool(process.get("terminal")), self.open_stdin)
+        size = process.get("consoleSize") or {}
+        if self.init.console is not None and size.get("height") and size.get("width"):
+            with contextlib.suppress(OSError):
+                set_winsize(self.init.console, int(size["height"]), int(size["width"]))
+
+    def _spawn(
+        self, proc: _Proc, call: Callable[[Stdio], int], terminal: bool, want_stdin: bool
+    ) -> None:
+        """Make the stdio (pipes, or a console socket for a pty), run ``call`` (the
+        backend's create or exec) and register the process's outputs. Raises ExecError."""
+        mine: list[int] = []  # our ends, closed on failure
+        theirs: list[int] = []  # the process's ends, closed once it has them
+        console_sock: socket.socket | None = None
         try:
-            self.pid = self.backend.create(self.bundle, self.spec, Stdio(in_r, out_w, err_w))
-        except ExecError:
-            for fd in (out_r, err_r, self.stdin_fd):
-                if fd is not None:
+            if terminal:
+                console_sock, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+                theirs += [peer.detach(), null]
+                stdio = Stdio(None, null, null, console=theirs[0])
+            else:
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                mine += [out_r, err_r]
+                theirs += [out_w, err_w]
+                in_r: int | None = None
+                if want_stdin:
+                    in_r, in_w = os.pipe()
+                    mine.append(in_w)
+                    theirs.append(in_r)
+                stdio = Stdio(in_r, out_w, err_w)
+            try:
+                proc.pid = call(stdio)
+            except ExecError:
+                raise
+            except Exception as e:
+                raise ExecError(f"{type(e).__name__}: {e}", 125) from e
+            finally:
+                for fd in theirs:  # the process holds its own copies now
                     os.close(fd)
+                theirs = []
+            if console_sock is not None:
+                try:
+                    master = _receive_console(console_sock)
+                except ExecError:
+                    self._kill_quietly(proc.pid)
+                    raise
+                mine.append(master)
+                os.set_blocking(master, False)
+                proc.console = os.dup(master)
+                mine.append(proc.console)
+                os.set_blocking(proc.console, False)
+                if want_stdin:
+                    proc.stdin_fd = proc.console
+                proc.outputs.append(_Output(master, 1, proc))
+            else:
+                proc.outputs.append(_Output(mine[0], 1, proc))
+                proc.outputs.append(_Output(mine[1], 2, proc))
+                if want_stdin:
+                    proc.stdin_fd = mine[2]
+                    os.set_blocking(proc.stdin_fd, False)
+        except BaseException:
+            for fd in mine + theirs:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            proc.outputs = []
+            proc.stdin_fd = proc.console = None
             raise
-        except Exception as e:
-            raise ExecError(f"{type(e).__name__}: {e}", 125) from e
         finally:
-            for fd in (out_w, err_w, in_r):  # the container holds its own copies now
-                if fd is not None:
-                    os.close(fd)
-        for fd, stream in ((out_r, 1), (err_r, 2)):
-            os.set_blocking(fd, False)
-            out = _Output(fd, stream)
-            self.outputs.append(out)
-            self.sel.register(fd, selectors.EVENT_READ, out)
+            if console_sock is not None:
+                console_sock.close()
+        for out in proc.outputs:
+            os.set_blocking(out.fd, False)
+            if not self.paused:
+                self.sel.register(out.fd, selectors.EVENT_READ, out)
+
+    def _kill_quietly(self, pid: int) -> None:
+        if pid > 0:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
     def listen(self) -> None:
         path = os.path.join(str(self.bundle), SOCKET_NAME)
@@ -228,17 +368,26 @@ class Monitor:
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> None:
-        drain_deadline: float | None = None
         while True:
             self.reap()
-            if self.exit_code is not None:
-                if drain_deadline is None:
-                    drain_deadline = time.monotonic() + DRAIN_TIMEOUT
-                if all(o.eof for o in self.outputs) or time.monotonic() >= drain_deadline:
+            now = time.monotonic()
+            for proc in list(self.execs.values()):
+                if proc.exit_code is not None and (
+                    proc.drained() or now >= (proc.drain_deadline or now)
+                ):
+                    self.finish_exec(proc)
+            init = self.init
+            if init.exit_code is not None:
+                if init.drain_deadline is None:
+                    init.drain_deadline = now + DRAIN_TIMEOUT
+                if init.drained() or now >= init.drain_deadline:
                     break
-            timeout = None
-            if drain_deadline is not None:
-                timeout = max(0.0, drain_deadline - time.monotonic())
+            deadlines = [
+                p.drain_deadline
+                for p in (init, *self.execs.values())
+                if p.drain_deadline is not None
+            ]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
             for key, mask in self.sel.select(timeout):
                 data = key.data
                 if isinstance(data, _Output):
@@ -248,6 +397,8 @@ class Monitor:
                         self.read_client(data)
                     if mask & selectors.EVENT_WRITE and data.sock.fileno() in self.clients:
                         self.flush_client(data)
+                elif isinstance(data, _Proc):
+                    self.flush_stdin(data)
                 elif data == "accept":
                     self.accept()
                 elif data == "signal":
@@ -256,8 +407,6 @@ class Monitor:
                             pass
                     except BlockingIOError:
                         pass
-                elif data == "stdin":
-                    self.flush_stdin()
         self.finish()
 
     def reap(self) -> None:
@@ -268,39 +417,63 @@ class Monitor:
                 return
             if pid == 0:
                 return
-            if pid == self.pid and self.exit_code is None:
+            code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            if pid == self.init.pid and self.init.exit_code is None:
                 _trace("exited")
                 self.finished_at = now_rfc3339()
-                if os.WIFSIGNALED(status):
-                    self.exit_code = 128 + os.WTERMSIG(status)
-                else:
-                    self.exit_code = os.WEXITSTATUS(status)
+                self.init.exit_code = code
+            elif pid in self.execs and self.execs[pid].exit_code is None:
+                proc = self.execs[pid]
+                proc.exit_code = code
+                proc.drain_deadline = time.monotonic() + DRAIN_TIMEOUT
 
-    # --- container output -------------------------------------------------------------
+    # --- output -------------------------------------------------------------------------
 
     def read_output(self, out: _Output) -> None:
         try:
             data = os.read(out.fd, READ_SIZE)
         except BlockingIOError:
             return
-        except OSError:
+        except OSError:  # EIO: a pty whose other side is all closed
             data = b""
         if not data:
             self.close_output(out)
             return
-        self.broadcast(frame(out.stream, data))
-        self.log(out, data)
+        self.deliver(out, data)
+
+    def deliver(self, out: _Output, data: bytes) -> None:
+        if out.proc is None or out.proc is self.init:
+            self.broadcast(frame(out.stream, data))
+            self.log(out, data)
+        elif out.proc.client is not None:
+            self.queue(out.proc.client, frame(out.stream, data))
 
     def close_output(self, out: _Output) -> None:
         if out.eof:
             return
         out.eof = True
-        if not self.paused:
+        if out.fd in self.sel.get_map():
             self.sel.unregister(out.fd)
         os.close(out.fd)
         if out.pending:  # the final unterminated line
             self.write_log([_log_entry(bytes(out.pending), out.name, now_rfc3339())])
             out.pending.clear()
+
+    def drain(self, proc: _Proc) -> None:
+        """Whatever is readable now from ``proc``'s outputs, then close them."""
+        for out in proc.outputs:
+            while not out.eof:
+                try:
+                    data = os.read(out.fd, READ_SIZE)
+                except BlockingIOError:
+                    self.close_output(out)
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    self.close_output(out)
+                    break
+                self.deliver(out, data)
 
     def log(self, out: _Output, data: bytes) -> None:
         ts = now_rfc3339()
@@ -354,8 +527,10 @@ class Monitor:
         self.queue(client, frame(CONTROL, json.dumps(msg).encode()))
 
     def broadcast(self, data: bytes) -> None:
+        """To the container's clients (an exec's connection only gets its own output)."""
         for client in list(self.clients.values()):
-            self.queue(client, data)
+            if client.proc is None:
+                self.queue(client, data)
 
     def queue(self, client: _Client, data: bytes) -> None:
         if client.sock.fileno() not in self.clients:
@@ -383,14 +558,15 @@ class Monitor:
             self.pause(False)
 
     def pause(self, paused: bool) -> None:
-        """Back-pressure: stop reading the container's output while a client lags."""
+        """Back-pressure: stop reading the processes' output while a client lags."""
         self.paused = paused
         for out in self.outputs:
             if out.eof:
                 continue
             if paused:
-                self.sel.unregister(out.fd)
-            else:
+                if out.fd in self.sel.get_map():
+                    self.sel.unregister(out.fd)
+            elif out.fd not in self.sel.get_map():
                 self.sel.register(out.fd, selectors.EVENT_READ, out)
 
     def drop(self, client: _Client) -> None:
@@ -402,6 +578,8 @@ class Monitor:
         except (KeyError, ValueError):
             pass
         client.sock.close()
+        if client.proc is not None and client.proc.client is client:
+            client.proc.client = None  # a detached exec runs on, its output is dropped
         if self.paused and all(len(c.outbuf) <= HIGH_WATER // 2 for c in self.clients.values()):
             self.pause(False)
 
@@ -417,7 +595,7 @@ class Monitor:
             return
         for stream, payload in client.decoder.feed(data):
             if stream == 0:
-                self.write_stdin(payload)
+                self.write_stdin(client.proc or self.init, payload)
             elif stream == CONTROL:
                 try:
                     msg = json.loads(payload)
@@ -427,19 +605,38 @@ class Monitor:
 
     def control(self, client: _Client, msg: dict[str, Any]) -> None:
         op = msg.get("op")
+        proc = client.proc or self.init
         if op == "start":
             self.start(client)
         elif op == "kill":
-            if self.exit_code is None:
-                try:
-                    self.backend.kill(self.bundle, self.pid, int(msg.get("signal", 15)))
-                except ProcessLookupError:
-                    pass
-                except Exception as e:
-                    print(f"shim: kill: {e}", file=sys.stderr)
+            self.kill(proc, int(msg.get("signal", 15)))
         elif op == "close_stdin":
-            self.stdin_closing = True
-            self.flush_stdin()
+            if proc.console is not None and proc.stdin_fd is not None:
+                self.write_stdin(proc, b"\x04")  # a terminal has no EOF but ^D
+            else:
+                proc.stdin_closing = True
+                self.flush_stdin(proc)
+        elif op == "resize":
+            if proc.console is not None and proc.exit_code is None:
+                try:
+                    set_winsize(proc.console, int(msg.get("height", 0)), int(msg.get("width", 0)))
+                except (OSError, ValueError, OverflowError) as e:
+                    print(f"shim: resize: {e}", file=sys.stderr)
+        elif op == "exec":
+            self.exec(client, msg)
+
+    def kill(self, proc: _Proc, sig: int) -> None:
+        if proc.exit_code is not None or proc.pid <= 0:
+            return
+        try:
+            if proc is self.init:
+                self.backend.kill(self.bundle, proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        except Exception as e:
+            print(f"shim: kill: {e}", file=sys.stderr)
 
     def start(self, client: _Client) -> None:
         if self.started or self.start_error is not None:
@@ -469,69 +666,115 @@ class Monitor:
         self.started = True
         _trace("started")
         for c in list(self.clients.values()):
-            self.send(c, {"event": "started"})
+            if c.proc is None:
+                self.send(c, {"event": "started"})
+
+    # --- exec -----------------------------------------------------------------------------
+
+    def exec(self, client: _Client, msg: dict[str, Any]) -> None:
+        """``{"op": "exec", "id": ..., "process": {OCI process}, "stdin": bool}``: this
+        connection becomes the new process's: its stdin, output, resize and exit."""
+
+        def error(message: str, code: int = 125) -> None:
+            self.send(client, {"event": "error", "message": message, "exit_code": code})
+
+        if client.proc is not None:
+            return error("this connection already runs a process")
+        if not self.started or self.init.exit_code is not None:
+            return error(f"container {self.bundle.name} is not running", 409)
+        process = msg.get("process")
+        if not isinstance(process, dict) or not process.get("args"):
+            return error("exec: no command given (process.args is empty)")
+        proc = _Proc(str(msg.get("id") or ""))
+
+        def call(stdio: Stdio) -> int:
+            return self.backend.exec(self.bundle, self.spec, self.init.pid, process, stdio)
+
+        try:
+            self._spawn(proc, call, bool(process.get("terminal")), bool(msg.get("stdin")))
+        except ExecError as e:
+            return error(e.message, e.exit_code)
+        proc.client = client
+        client.proc = proc
+        self.execs[proc.pid] = proc
+        size = process.get("consoleSize") or {}
+        if proc.console is not None and size.get("height") and size.get("width"):
+            with contextlib.suppress(OSError):
+                set_winsize(proc.console, int(size["height"]), int(size["width"]))
+        self.send(client, {"event": "exec_started", "pid": proc.pid})
+
+    def finish_exec(self, proc: _Proc) -> None:
+        self.drain(proc)
+        self.close_stdin_fds(proc)
+        self.execs.pop(proc.pid, None)
+        if proc.client is not None:
+            self.send(
+                proc.client,
+                {
+                    "event": "exit",
+                    "exit_code": proc.exit_code if proc.exit_code is not None else 137,
+                    "oom_killed": False,
+                    "finished_at": now_rfc3339(),
+                },
+            )
+
+    def close_stdin_fds(self, proc: _Proc) -> None:
+        for fd in {proc.stdin_fd, proc.console} - {None}:
+            assert fd is not None
+            if fd in self.sel.get_map():
+                self.sel.unregister(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        proc.stdin_fd = proc.console = None
 
     # --- stdin --------------------------------------------------------------------------
 
-    def write_stdin(self, data: bytes) -> None:
-        if self.stdin_fd is None or self.stdin_closing:
+    def write_stdin(self, proc: _Proc, data: bytes) -> None:
+        if proc.stdin_fd is None or proc.stdin_closing:
             return
-        was_empty = not self.stdin_buf
-        self.stdin_buf += data
+        was_empty = not proc.stdin_buf
+        proc.stdin_buf += data
         if was_empty:
-            self.flush_stdin()
+            self.flush_stdin(proc)
 
-    def flush_stdin(self) -> None:
-        fd = self.stdin_fd
+    def flush_stdin(self, proc: _Proc) -> None:
+        fd = proc.stdin_fd
         if fd is None:
             return
         try:
-            while self.stdin_buf:
-                n = os.write(fd, self.stdin_buf)
-                del self.stdin_buf[:n]
+            while proc.stdin_buf:
+                n = os.write(fd, proc.stdin_buf)
+                del proc.stdin_buf[:n]
         except (BlockingIOError, InterruptedError):
             pass
-        except OSError:  # the container closed its stdin: drop what it will never read
-            self.stdin_buf.clear()
+        except OSError:  # the process closed its stdin: drop what it will never read
+            proc.stdin_buf.clear()
         registered = fd in self.sel.get_map()
-        if self.stdin_buf and not registered:
-            self.sel.register(fd, selectors.EVENT_WRITE, "stdin")
-        elif not self.stdin_buf:
+        if proc.stdin_buf and not registered:
+            self.sel.register(fd, selectors.EVENT_WRITE, proc)
+        elif not proc.stdin_buf:
             if registered:
                 self.sel.unregister(fd)
-            if self.stdin_closing:
+            if proc.stdin_closing:
                 os.close(fd)
-                self.stdin_fd = None
+                proc.stdin_fd = None
 
     # --- the end ------------------------------------------------------------------------
 
     def finish(self) -> None:
-        for out in self.outputs:  # whatever is readable now, then stop waiting
-            if self.paused and not out.eof:
-                self.sel.register(out.fd, selectors.EVENT_READ, out)
         self.paused = False
-        for out in self.outputs:
-            while not out.eof:
-                try:
-                    data = os.read(out.fd, READ_SIZE)
-                except BlockingIOError:
-                    self.close_output(out)
-                    break
-                except OSError:
-                    data = b""
-                if not data:
-                    self.close_output(out)
-                    break
-                self.broadcast(frame(out.stream, data))
-                self.log(out, data)
-        if self.stdin_fd is not None:
-            try:
-                self.sel.unregister(self.stdin_fd)
-            except KeyError:
-                pass
-            os.close(self.stdin_fd)
-            self.stdin_fd = None
+        self.drain(self.init)
+        self.close_stdin_fds(self.init)
         os.close(self.log_fd)
+        # The init is gone, so are the processes of its pid namespace.
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while any(p.exit_code is None for p in self.execs.values()):
+            self.reap()
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
+        for proc in list(self.execs.values()):
+            self.finish_exec(proc)
         oom = False
         try:
             oom = bool(self.backend.oom_killed(self.bundle, self.spec))
@@ -561,7 +804,8 @@ class Monitor:
         _unlink(os.path.join(str(self.bundle), SOCKET_NAME))
         _unlink(os.path.join(str(self.bundle), PID_NAME))
         for c in list(self.clients.values()):
-            self.send(c, {"event": "exit", **status})
+            if c.proc is None:
+                self.send(c, {"event": "exit", **status})
         self.flush_all()
 
     def flush_all(self) -> None:
@@ -582,9 +826,10 @@ class Monitor:
 
 
 def _load_backend_class(ref: str) -> Any:
+    """``module:Class`` (anything after ``?`` is the instance's options) -> the class."""
     import importlib
 
-    module, _, qualname = ref.partition(":")
+    module, _, qualname = ref.partition("?")[0].partition(":")
     if not module or not qualname:
         raise ExecError(f"invalid backend reference {ref!r} (want module:Class)", 125)
     obj: Any = importlib.import_module(module)
@@ -594,7 +839,14 @@ def _load_backend_class(ref: str) -> Any:
 
 
 def _load_backend(ref: str) -> ExecBackend:
-    backend: ExecBackend = _load_backend_class(ref)()
+    """An instance of the backend ``ref`` names: ``module:Class`` or
+    ``module:Class?{JSON}``, the JSON object being the constructor's keyword arguments
+    (how a runtime configured in ``runtimes`` gets its path and arguments)."""
+    _, sep, options = ref.partition("?")
+    kwargs = json.loads(options) if sep else {}
+    if not isinstance(kwargs, dict):
+        raise ExecError(f"invalid backend options in {ref!r}", 125)
+    backend: ExecBackend = _load_backend_class(ref)(**kwargs)
     return backend
 
 
@@ -932,6 +1184,7 @@ class ShimClient:
         self._created: asyncio.Future[int] = loop.create_future()
         self._exit: asyncio.Future[ExitStatus] = loop.create_future()
         self._start: asyncio.Future[None] | None = None
+        self._exec = False  # this connection runs an exec'd process
         self._task = loop.create_task(self._read_loop())
 
     @classmethod
@@ -1042,6 +1295,39 @@ class ShimClient:
         await self._control({"op": "start"})
         await self._start
 
+    @classmethod
+    async def exec(
+        cls,
+        bundle: Path,
+        exec_id: str,
+        process: dict[str, Any],
+        stdin: bool,
+        on_output: OutputCallback,
+    ) -> ShimClient:
+        """Start ``process`` (OCI process object) in the running container through its
+        monitor. The returned client is that process's own: ``pid``, ``write_stdin``,
+        ``close_stdin``, ``resize``, ``kill``, and ``wait`` for its exit status.
+        Raises ExecError (Docker's exit code), or FileNotFoundError/ConnectionError if
+        the monitor is gone."""
+        import asyncio
+
+        client = await cls.connect(bundle, on_output)
+        client._exec = True
+        client._start = asyncio.get_running_loop().create_future()
+        try:
+            await client._control(
+                {"op": "exec", "id": exec_id, "process": process, "stdin": bool(stdin)}
+            )
+            await client._start
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def resize(self, height: int, width: int) -> None:
+        """Set the terminal's size (the container's, or this exec's)."""
+        await self._control({"op": "resize", "height": int(height), "width": int(width)})
+
     async def write_stdin(self, data: bytes) -> None:
         for i in range(0, len(data), 1 << 20):
             self._writer.write(frame(0, data[i : i + (1 << 20)]))
@@ -1113,6 +1399,10 @@ class ShimClient:
             self.started = bool(msg.get("started", False))
             if not self._created.done():
                 self._created.set_result(self.pid)
+        elif event == "exec_started":
+            self.pid = int(msg.get("pid", 0))
+            if self._start is not None and not self._start.done():
+                self._start.set_result(None)
         elif event == "started":
             self.started = True
             if self._start is not None and not self._start.done():
@@ -1148,7 +1438,7 @@ class ShimClient:
                     fut.set_exception(ConnectionError("shim client closed"))
                     fut.exception()  # nobody may be waiting: mark it retrieved
             return
-        st = read_exit(self.bundle)
+        st = None if self._exec else read_exit(self.bundle)
         if st is None:
             st = ExitStatus(255, False, now_rfc3339(), "shim exited without an exit status")
         self._set_exit(st)
