@@ -1,4 +1,4 @@
-"""Bookkeeping shared by the directory-based snapshotters (vfs and overlay).
+"""Bookkeeping shared by the directory-based snapshotters (vfs, overlay, btrfs).
 
 A snapshot is a row ``(key, id, parent, kind)`` in a SQLite store under the driver
 root plus a directory named by its random ``id``. The database is the truth:
@@ -14,6 +14,7 @@ Subclasses say where a snapshot's directory lives, how to fill it and how to mou
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import secrets
@@ -67,6 +68,35 @@ def dir_usage(path: Path) -> Usage:
     return Usage(size=size, inodes=inodes)
 
 
+FS_MAGIC = {
+    0xEF53: "extfs",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0x01021994: "tmpfs",
+    0x794C7630: "overlayfs",
+    0x2FC12FC1: "zfs",
+    0x6969: "nfs",
+    0xF2F52010: "f2fs",
+    0x65735546: "fuse",
+    0x73717368: "squashfs",
+}
+
+
+def fs_magic(path: Path) -> int:
+    """``statfs(2)`` f_type of the filesystem holding ``path``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)
+    if libc.statfs(os.fsencode(str(path)), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return int.from_bytes(buf.raw[:8], "little", signed=True) & 0xFFFFFFFF
+
+
+def backing_fs(path: Path) -> str:
+    magic = fs_magic(path)
+    return FS_MAGIC.get(magic, f"unknown (0x{magic:x})")
+
+
 class DirSnapshotter(StorageDriver):
     """A snapshotter whose snapshots are directories under ``root``."""
 
@@ -93,7 +123,7 @@ class DirSnapshotter(StorageDriver):
 
     @abstractmethod
     def _build(self, tmp: Path, kind: Kind, parent: sqlite3.Row | None) -> None:
-        """Fill the new snapshot directory ``tmp`` (which does not exist yet)."""
+        """Make the new snapshot directory ``tmp`` (which does not exist yet) and fill it."""
 
     @abstractmethod
     def _mounts(self, row: sqlite3.Row) -> list[Mount]:
@@ -155,7 +185,7 @@ class DirSnapshotter(StorageDriver):
                 placed = True
                 self._placed(sid, link)
         except BaseException:
-            shutil.rmtree(final if placed else tmp, ignore_errors=True)
+            self._remove_tree(final if placed else tmp)
             raise
         return self._row(key)
 
@@ -202,7 +232,11 @@ class DirSnapshotter(StorageDriver):
             os.rename(path, trash)
         except FileNotFoundError:
             return
-        shutil.rmtree(trash, ignore_errors=True)
+        self._remove_tree(trash)
+
+    def _remove_tree(self, path: Path) -> None:
+        """Delete a snapshot directory (or what is left of one); missing is fine."""
+        shutil.rmtree(path, ignore_errors=True)
 
     def stat(self, key: str) -> Info:
         row = self._row(key)
@@ -229,7 +263,7 @@ class DirSnapshotter(StorageDriver):
         """Remove leftovers of interrupted operations: ``tmp`` and unknown directories."""
         for e in list(self.tmp.iterdir()):
             if e.is_dir() and not e.is_symlink():
-                shutil.rmtree(e, ignore_errors=True)
+                self._remove_tree(e)
             else:
                 with contextlib.suppress(FileNotFoundError):
                     e.unlink()
@@ -240,3 +274,38 @@ class DirSnapshotter(StorageDriver):
 
     def close(self) -> None:
         self.store.close()
+
+
+def snapshot_changes(driver: StorageDriver, key: str, scratch: Path) -> list[tuple[str, int]]:
+    """``docker diff`` of active snapshot ``key``: ``(path, kind)`` against its parent
+    (kinds 0 modified, 1 added, 2 deleted), found by comparing the snapshot with a
+    read-only view of the parent, both mounted under ``scratch``."""
+    from pallet import archive, mount
+
+    info = driver.stat(key)
+    if info.kind != Kind.ACTIVE:
+        raise InvalidArgument(f"snapshot {key} is not active")
+    scratch.mkdir(parents=True, exist_ok=True)
+    mounted: list[str] = []
+    view_key = None
+    try:
+        upper = scratch / f"changes-{secrets.token_hex(8)}"
+        upper.mkdir()
+        mounted.append(str(upper))
+        mount.mount_all(driver.mounts(key), str(upper))
+        lower: Path | None = None
+        if info.parent is not None:
+            view_key = f"tmp-changes-{secrets.token_hex(8)}"
+            lower = scratch / view_key
+            lower.mkdir()
+            mounted.append(str(lower))
+            mount.mount_all(driver.view(view_key, info.parent), str(lower))
+        return [("/" + rel, kind) for rel, kind in archive.changes(lower, upper)]
+    finally:
+        for m in reversed(mounted):
+            mount.unmount(m)
+            with contextlib.suppress(OSError):
+                os.rmdir(m)
+        if view_key is not None:
+            with contextlib.suppress(NotFound):
+                driver.remove(view_key)

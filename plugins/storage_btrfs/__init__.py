@@ -1,8 +1,16 @@
-"""The storage_btrfs plugin: registered here, driver not written yet (see the open issue).
+"""The btrfs storage driver: a subvolume per layer, snapshots for children and
+containers. Selectable only when the data root is on btrfs; ``probe`` says why not
+otherwise."""
 
-It reports itself skipped so that `pallet info` says why it is unavailable.
-"""
+from __future__ import annotations
 
-from pallet.errors import PluginSkip
+from pallet.hookspecs import hookimpl
+from pallet.plugins.storage_btrfs.driver import BtrfsDriver
+from pallet.storage import StorageDriver
 
-raise PluginSkip("storage_btrfs: not implemented yet")
+__all__ = ["BtrfsDriver"]
+
+
+@hookimpl
+def pallet_storage_drivers_v1() -> list[type[StorageDriver]]:
+    return [BtrfsDriver]

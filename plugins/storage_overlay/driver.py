@@ -11,7 +11,9 @@
     <root>/tmp/          half-made snapshots, removed by cleanup()
 
 Mount descriptions name lower layers by their short link (``<root>/l/<LINK>``) so a
-deep chain keeps the mount data under a page; a chain that would not fit is refused
+chain keeps the mount data short; when it still exceeds a page, :mod:`pallet.mount`
+mounts it through the new mount API (``lowerdir+``) or relative to ``<root>/l``, so
+chains go up to overlayfs' 500 layers. A chain that cannot be mounted is refused
 with "max depth exceeded" rather than mounted truncated. A snapshot without parent is
 a bind mount of its ``diff``; a view of one layer a read-only bind mount of it; a view
 of several an overlay with lower directories only. Layers are applied straight into an
@@ -22,7 +24,6 @@ active snapshot's ``diff`` with overlay whiteouts (0/0 character devices,
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import secrets
 import shutil
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from pallet import linux, mount
 from pallet.errors import InvalidArgument, PluginSkip
-from pallet.plugins.storage_vfs.snapshots import DirSnapshotter
+from pallet.snapshots import DirSnapshotter, backing_fs, fs_magic
 from pallet.storage import Kind, Mount, WhiteoutFormat
 from pydantic import BaseModel
 
@@ -42,36 +43,9 @@ _LINK_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 MAX_LAYERS = 500  # overlayfs' own limit on lower layers (OVL_MAX_STACK)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
-_FS_MAGIC = {
-    0xEF53: "extfs",
-    0x58465342: "xfs",
-    0x9123683E: "btrfs",
-    0x01021994: "tmpfs",
-    0x794C7630: "overlayfs",
-    0x2FC12FC1: "zfs",
-    0x6969: "nfs",
-    0xF2F52010: "f2fs",
-    0x65735546: "fuse",
-    0x73717368: "squashfs",
-}
 _OVERLAY_MAGIC = 0x794C7630
 _TMPFS_MAGIC = 0x01021994
 _PARAMS = Path("/sys/module/overlay/parameters")
-
-
-def fs_magic(path: Path) -> int:
-    """``statfs(2)`` f_type of the filesystem holding ``path``."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = ctypes.create_string_buffer(256)
-    if libc.statfs(os.fsencode(str(path)), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-    return int.from_bytes(buf.raw[:8], "little", signed=True) & 0xFFFFFFFF
-
-
-def backing_fs(path: Path) -> str:
-    magic = fs_magic(path)
-    return _FS_MAGIC.get(magic, f"unknown (0x{magic:x})")
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
@@ -224,12 +198,20 @@ class OverlayDriver(DirSnapshotter):
         if upper is None:
             opts.insert(0, "ro")
         data = ",".join(o for o in opts if o != "ro")
-        if len(data) >= PAGE_SIZE:
+        if len(data) >= PAGE_SIZE and not self._fits_long(data, len(lowers)):
             raise InvalidArgument(
                 f"max depth exceeded: {len(lowers)} layers need {len(data)} bytes of mount "
                 f"options under {self.root}, more than a page ({PAGE_SIZE})"
             )
         return Mount("overlay", "overlay", tuple(opts))
+
+    def _fits_long(self, data: str, nlowers: int) -> bool:
+        """Whether :func:`pallet.mount.mount_overlay_long` can mount options ``data``:
+        with ``lowerdir+`` always; else relative to ``<root>/l`` they must fit a page."""
+        if mount.supports_lowerdir_plus():
+            return True
+        prefix = f"{self.root}/{LINK_DIR}/"
+        return len(data.replace(prefix, "")) < PAGE_SIZE
 
     def _mounts(self, row: sqlite3.Row) -> list[Mount]:
         parent = self._row(row["parent"]) if row["parent"] else None

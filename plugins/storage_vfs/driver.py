@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from pallet.errors import InvalidArgument
-from pallet.plugins.storage_vfs.snapshots import DirSnapshotter
+from pallet.snapshots import DirSnapshotter, backing_fs
 from pallet.storage import Kind, Mount, WhiteoutFormat
 
 
@@ -56,3 +56,6 @@ class VfsDriver(DirSnapshotter):
         """``GraphDriver.Data`` for ``docker inspect`` (Docker's vfs reports none)."""
         self._row(key)
         return {}
+
+    def status(self) -> list[tuple[str, str]]:
+        return [("Backing Filesystem", backing_fs(self.root))]
