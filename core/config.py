@@ -22,6 +22,28 @@ class Runtime(BaseModel):
     runtimeArgs: list[str] = Field(default_factory=list)
 
 
+class AddressPool(BaseModel):
+    """One of ``default-address-pools``: subnets of ``size`` bits carved from ``base``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    base: str
+    size: int = Field(ge=1, le=30)
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        import ipaddress
+
+        try:
+            ipaddress.IPv4Network(v, strict=False)
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not an IPv4 network: {e}") from None
+        return v
+
+    def __getitem__(self, key: str) -> str | int:
+        return str(self.base) if key == "base" else int(self.size)
+
+
 class DaemonConfig(BaseModel):
     """Keys as in ``daemon.json``; Python names are the snake_case of the JSON keys."""
 
@@ -41,6 +63,13 @@ class DaemonConfig(BaseModel):
     live_restore: bool = Field(True, alias="live-restore")
     bip: str | None = None
     iptables: bool = True
+    bridge: str = Field("pallet0", pattern=r"^[a-zA-Z0-9_.-]{1,15}$")  # the default bridge
+    mtu: int = Field(1500, ge=68, le=65535)
+    ip_forward: bool = Field(True, alias="ip-forward")
+    default_address_pools: list[AddressPool] = Field(
+        default_factory=list, alias="default-address-pools"
+    )
+    dns: list[str] = Field(default_factory=list)  # upstream resolvers for containers
     insecure_registries: list[str] = Field(default_factory=list, alias="insecure-registries")
     registry_mirrors: list[str] = Field(default_factory=list, alias="registry-mirrors")
     disabled_plugins: list[str] = Field(default_factory=list, alias="disabled-plugins")
@@ -51,6 +80,23 @@ class DaemonConfig(BaseModel):
     def _absolute(cls, v: Path) -> Path:
         if not v.is_absolute():
             raise ValueError(f"must be an absolute path, got {str(v)!r}")
+        return v
+
+    @field_validator("bip")
+    @classmethod
+    def _bip(cls, v: str | None) -> str | None:
+        import ipaddress
+
+        if v is None:
+            return v
+        try:
+            iface = ipaddress.IPv4Interface(v)
+        except ValueError:
+            raise ValueError(
+                f"expected an address with its prefix like 172.17.0.1/16, got {v!r}"
+            ) from None
+        if iface.ip in (iface.network.network_address, iface.network.broadcast_address):
+            raise ValueError(f"{v!r}: the bridge address must be a host address of its subnet")
         return v
 
     @field_validator("cgroup_parent")

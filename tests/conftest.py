@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -50,6 +51,7 @@ class Daemon:
         self.name = f"pallet-test-{uuid.uuid4().hex[:8]}"
         self.exec_root = Path(f"/run/{self.name}")
         self.cgroup_parent = f"/{self.name}"
+        self.bridge = "pt" + self.name[-8:]
         SESSION_DAEMONS.append(self)
         self.data_root = root / "data"
         self.sock = str(self.exec_root) + ".sock"
@@ -67,6 +69,11 @@ class Daemon:
             str(root / "daemon.json"),
             "--cgroup-parent",
             self.cgroup_parent,
+            # Its own default bridge and subnet: never the user's pallet0 nor another's.
+            "--bridge",
+            self.bridge,
+            "--bip",
+            f"10.{random.randint(100, 250)}.{random.randint(0, 255)}.1/24",
             *(["--storage-driver", storage_driver] if storage_driver else []),
             *extra,
         ]

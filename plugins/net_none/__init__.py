@@ -1,30 +1,16 @@
-"""The ``none`` network driver: the container keeps only its loopback interface."""
+"""The ``none`` network driver (Docker's ``null``): the container keeps only its
+loopback interface, which the execution backend already brought up in the new netns."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from pallet.hookspecs import hookimpl
-from pallet.network import Endpoint, NetworkDriver
+from pallet.network import NetworkDriver
 
 
 class NoneDriver(NetworkDriver):
-    """Joins nothing: the execution backend already brought ``lo`` up in the new netns."""
+    """Joins nothing: no address, no route, no rule."""
 
     name = "null"
-
-    def create_network(self, network_id: str, options: dict[str, Any]) -> None:
-        return None
-
-    def delete_network(self, network_id: str) -> None:
-        return None
-
-    def join(self, network_id: str, endpoint_id: str, netns: Path) -> Endpoint:
-        return Endpoint(network_id=network_id, endpoint_id=endpoint_id)
-
-    def leave(self, network_id: str, endpoint_id: str) -> None:
-        return None
 
 
 @hookimpl
