@@ -492,6 +492,20 @@ class _Unpacker:
         else:
             os.unlink(base, dir_fd=pfd)
 
+    def _xattrs_at(self, pfd: int, base: str, xattrs: dict[str, bytes], entry: str) -> None:
+        """xattrs of a symlink or device node, through its /proc/self/fd path (in the
+        chrooted unpacker: the host's /proc, reached through a kept fd)."""
+        if not xattrs:
+            return
+        if _host_proc is None:
+            self._set_xattrs(f"/proc/self/fd/{pfd}/{base}", xattrs, entry)
+            return
+        os.fchdir(_host_proc)
+        try:
+            self._set_xattrs(f"self/fd/{pfd}/{base}", xattrs, entry)
+        finally:
+            os.chdir("/")
+
     @staticmethod
     def _set_xattrs(target: int | str, xattrs: dict[str, bytes], entry: str) -> None:
         for k, v in xattrs.items():
@@ -615,7 +629,7 @@ class _Unpacker:
                     )
             os.symlink(link, base, dir_fd=pfd)
             os.chown(base, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
-            self._set_xattrs(f"/proc/self/fd/{pfd}/{base}", _xattrs(ti), name)
+            self._xattrs_at(pfd, base, _xattrs(ti), name)
             os.utime(base, ns=(atime, mtime), dir_fd=pfd, follow_symlinks=False)
         elif ti.islnk():
             target = clean_name(ti.linkname, "hardlink target")
@@ -640,7 +654,7 @@ class _Unpacker:
             os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
             os.chown(base, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
             os.chmod(base, ti.mode & 0o7777, dir_fd=pfd)
-            self._set_xattrs(f"/proc/self/fd/{pfd}/{base}", _xattrs(ti), name)
+            self._xattrs_at(pfd, base, _xattrs(ti), name)
             os.utime(base, ns=(atime, mtime), dir_fd=pfd, follow_symlinks=False)
         else:
             raise InvalidArgument(
@@ -726,9 +740,58 @@ def _unpack_in_process(reader: _Reader, target: Path, whiteouts: WhiteoutFormat)
         u.close()
 
 
-# The one place that decides where unpacking runs (issue 3: a chrooted child process,
-# reading the uncompressed stream from a pipe and reporting the size back).
-_unpack = _unpack_in_process
+# Set in the chrooted unpacker (pallet.untar): an fd of the host's /proc.
+_host_proc: int | None = None
+
+
+def _unpack_in_child(reader: _Reader, target: Path, whiteouts: WhiteoutFormat) -> int:
+    """Unpack in a child process chrooted into ``target`` (:mod:`pallet.untar`), fed the
+    uncompressed stream through a pipe: off the daemon's GIL, and a layer's paths cannot
+    name anything outside ``target`` even if a check were missed. Returns the size."""
+    import json
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pallet.untar", str(target), whiteouts],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        close_fds=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        try:
+            while chunk := reader.read(_CHUNK):
+                proc.stdin.write(chunk)
+        except BrokenPipeError:
+            pass  # the child stopped reading: its report says why
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        out = proc.stdout.read()
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+    try:
+        report = json.loads(out or b"{}")
+    except ValueError:
+        report = {}
+    if rc == 0 and "size" in report:
+        return int(report["size"])
+    msg = report.get("error") or f"layer unpacker exited with status {rc}"
+    if report.get("kind") == "os":
+        raise OSError(report.get("errno") or errno.EIO, msg)
+    raise InvalidArgument(msg)
+
+
+# The one place that decides where unpacking runs: a chrooted child process reading the
+# uncompressed stream from a pipe (PALLET_UNPACK_IN_PROCESS=1: in the caller's thread).
+_unpack = (
+    _unpack_in_process if os.environ.get("PALLET_UNPACK_IN_PROCESS") == "1" else _unpack_in_child
+)
 
 
 def apply_layer(stream: _Reader, target: Path, whiteouts: WhiteoutFormat) -> ApplyResult:

@@ -930,6 +930,16 @@ class Graph:
     def lease(self) -> Lease:
         return Lease(self)
 
+    def add_reference(self, ref: Reference, image_id: str) -> None:
+        """Point ``ref`` (a tag, or ``name@digest``: a RepoDigest) at ``image_id``; pull,
+        push and load record what they fetched or sent this way."""
+        ev = _Events()
+        with self._lock:
+            self._image_row(image_id)
+            with self.store.transaction() as db:
+                self._set_ref(db, ref, image_id, ev)
+        self._emit(ev)
+
     def import_image(
         self,
         stream: BinaryIO,

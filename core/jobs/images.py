@@ -8,7 +8,7 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from pallet.errors import InvalidArgument, NotImplementedErr
+from pallet.errors import InvalidArgument
 from pallet.hookspecs import hookimpl
 from pallet.jobs.containers import boolean, filters
 
@@ -39,10 +39,7 @@ class ImageJobs:
     async def create(self, job: Job) -> None:
         src = job.getenv("fromSrc")
         if job.getenv("fromImage"):
-            raise NotImplementedErr(
-                "pulling images from a registry is not available yet; build or import the "
-                "image locally (see `pallet import`)"
-            )
+            return await job.engine.handlers["image.pull"](job)  # pallet.jobs.distribution
         if not src:
             raise InvalidArgument("either fromImage or fromSrc must be given")
         if src != "-":
@@ -73,6 +70,9 @@ class ImageJobs:
                     )
 
             image_id = await asyncio.to_thread(run)
+            keep = getattr(job.engine.handlers.get("image.pull"), "__self__", None)
+            if keep is not None:  # the original tar, for push/save (pallet.jobs.distribution)
+                await asyncio.to_thread(keep.keep_imported, image_id, path)
         finally:
             os.unlink(path)
         await job.output.start(200, "application/json")

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Pull + unpack speed: pallet vs Docker, from a registry on loopback, same run.
+
+Builds a 5-layer image of files already on the machine (about 9,000 files, about
+125 MB of gzip) with umoci, copies it with skopeo into a private Debian
+``docker-registry`` on 127.0.0.1, then times, for each of ``-n`` rounds (default 3):
+
+  * ``pallet pull`` against a private palletd (its own data root and socket),
+  * ``docker pull`` against a private dockerd from Debian's docker.io (its own data
+    root, exec root, socket and containerd namespace), the reference,
+
+removing the image (and with it every layer) between rounds. Reports the medians
+and the ratio pallet / docker (target: <= 0.4).
+
+    .venv/bin/python bench/pull.py [-n 3] [--storage-driver overlay] [--keep-image DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = REPO / ".venv" / "bin"
+SOURCES = [
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/share/locale",
+    "/usr/share/doc",
+    "/usr/bin",
+    "/usr/lib/gcc",
+    "/usr/lib/python3",
+    "/usr/share/man",
+    "/usr/share/i18n",
+    "/usr/lib",
+]
+TARGET_FILES = 9000
+TARGET_RAW = 330 * 1000 * 1000  # about 125 MB once gzipped (binaries compress ~2.6x)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_socket(path: str, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with status {proc.returncode}")
+        with contextlib.suppress(OSError):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+                s.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
+                if b"OK" in s.recv(4096):
+                    return
+        time.sleep(0.1)
+    raise SystemExit(f"{what} did not answer on {path}")
+
+
+def pick_files() -> list[Path]:
+    """Regular files from SOURCES, in path order, until ~9,000 files and ~330 MB."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    total = 0
+    big: list[tuple[int, Path]] = []
+    for src in SOURCES:
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames.sort()
+            for f in sorted(filenames):
+                p = Path(dirpath) / f
+                if str(p) in seen or not p.is_file() or p.is_symlink():
+                    continue
+                seen.add(str(p))
+                size = p.stat().st_size
+                if len(files) < TARGET_FILES - 200:
+                    files.append(p)
+                    total += size
+                elif size > 1_000_000:
+                    big.append((size, p))
+    big.sort(reverse=True)
+    for size, p in big:
+        if total >= TARGET_RAW or len(files) >= TARGET_FILES:
+            break
+        files.append(p)
+        total += size
+    return files
+
+
+def build_layers(tmp: Path) -> list[Path]:
+    files = pick_files()
+    per = (len(files) + 4) // 5
+    layers = []
+    for i in range(5):
+        chunk = files[i * per : (i + 1) * per]
+        path = tmp / f"layer{i}.tar"
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+            for p in chunk:
+                tf.add(str(p), arcname=str(p).lstrip("/"), recursive=False)
+        layers.append(path)
+    print(
+        f"image: {len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.0f} MB raw, 5 layers"
+    )
+    return layers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=3)
+    ap.add_argument("--storage-driver", default="overlay")
+    args = ap.parse_args()
+    for tool in ("docker-registry", "skopeo", "umoci", "dockerd", "docker"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is not installed (scripts/install)")
+    tag = uuid.uuid4().hex[:8]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pull-", dir="/var/tmp"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        # --- the image, in a registry on loopback
+        layers = build_layers(tmp)
+        layout = tmp / "layout"
+        subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
+        subprocess.run(["umoci", "new", "--image", f"{layout}:bench"], check=True)
+        for layer in layers:
+            subprocess.run(
+                ["umoci", "raw", "add-layer", "--image", f"{layout}:bench", str(layer)], check=True
+            )
+            layer.unlink()
+        subprocess.run(
+            ["umoci", "config", "--image", f"{layout}:bench", "--config.cmd", "sh"], check=True
+        )
+        port = free_port()
+        rcfg = {
+            "version": 0.1,
+            "log": {"level": "error", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(tmp / "registry")}},
+            "http": {"addr": f"127.0.0.1:{port}"},
+        }
+        (tmp / "registry.yml").write_text(json.dumps(rcfg))
+        reg = subprocess.Popen(
+            ["docker-registry", "serve", str(tmp / "registry.yml")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / "registry.log", "wb"),
+        )
+        procs.append(reg)
+        for _ in range(600):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.1)
+        ref = f"127.0.0.1:{port}/bench/image:v1"
+        subprocess.run(
+            [
+                "skopeo",
+                "copy",
+                "-q",
+                "--dest-tls-verify=false",
+                "--format",
+                "v2s2",
+                f"oci:{layout}:bench",
+                f"docker://{ref}",
+            ],
+            check=True,
+        )
+        shutil.rmtree(layout)
+        man = json.loads(
+            subprocess.run(
+                ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+                check=True,
+                capture_output=True,
+            ).stdout
+        )
+        gz = sum(layer["size"] for layer in man["layers"])
+        print(f"registry: {ref}, {len(man['layers'])} layers, {gz / 1e6:.0f} MB gzip")
+
+        # --- pallet
+        psock = f"/run/bench-pull-pallet-{tag}.sock"
+        (tmp / "pallet.json").write_text("{}")
+        palletd = subprocess.Popen(
+            [str(BIN / "palletd"), "--data-root", str(tmp / "pallet"), "--exec-root", f"/run/bench-pull-pallet-{tag}",
+             "-H", f"unix://{psock}", "--storage-driver", args.storage_driver, "--cgroup-parent", f"/bench-pull-{tag}",
+             "--config-file", str(tmp / "pallet.json")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / "palletd.log", "wb"),
+        )  # fmt: skip
+        procs.append(palletd)
+        wait_socket(psock, palletd, "palletd")
+        penv = {**os.environ, "PALLET_HOST": f"unix://{psock}"}
+
+        # --- docker
+        dsock = f"/run/bench-pull-dockerd-{tag}.sock"
+        dockerd = subprocess.Popen(
+            ["dockerd", "--data-root", str(tmp / "docker"), "--exec-root", f"/run/bench-pull-dockerd-{tag}",
+             "-H", f"unix://{dsock}", "--pidfile", str(tmp / "dockerd.pid"), "--bridge", "none",
+             "--iptables=false", "--ip6tables=false", "--containerd-namespace", f"benchpull{tag}",
+             "--insecure-registry", f"127.0.0.1:{port}", "--storage-driver", "overlay2"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / "dockerd.log", "wb"),
+        )  # fmt: skip
+        procs.append(dockerd)
+        wait_socket(dsock, dockerd, "dockerd")
+        denv = {
+            **os.environ,
+            "DOCKER_HOST": f"unix://{dsock}",
+            "DOCKER_CONFIG": str(tmp / "docker-config"),
+        }
+
+        def timed(cmd: list[str], env: dict[str, str], rm: list[str]) -> float:
+            subprocess.run(["sync"], check=True)
+            t0 = time.monotonic()
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            dt = time.monotonic() - t0
+            if r.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr}")
+            subprocess.run(rm, env=env, check=True, capture_output=True)
+            return dt
+
+        pallet_t: list[float] = []
+        docker_t: list[float] = []
+        for i in range(args.n):
+            pallet_t.append(
+                timed(
+                    [str(BIN / "pallet"), "pull", "-q", ref],
+                    penv,
+                    [str(BIN / "pallet"), "rmi", ref],
+                )
+            )
+            docker_t.append(timed(["docker", "pull", "-q", ref], denv, ["docker", "rmi", ref]))
+            print(
+                f"round {i + 1}: pallet {pallet_t[-1]:.2f} s, docker {docker_t[-1]:.2f} s",
+                flush=True,
+            )
+        pm, dm = statistics.median(pallet_t), statistics.median(docker_t)
+        print(f"pallet pull  median {pm:.2f} s  ({', '.join(f'{t:.2f}' for t in pallet_t)})")
+        print(f"docker pull  median {dm:.2f} s  ({', '.join(f'{t:.2f}' for t in docker_t)})")
+        print(f"ratio pallet / docker: {pm / dm:.2f}  (target <= 0.40)")
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(60)
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        for m in sorted(
+            (
+                line.split()[4]
+                for line in open("/proc/self/mountinfo")
+                if str(tmp) in line.split()[4]
+            ),
+            key=len,
+            reverse=True,
+        ):
+            subprocess.run(["umount", "-l", m], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in (f"/run/bench-pull-pallet-{tag}", f"/run/bench-pull-dockerd-{tag}"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

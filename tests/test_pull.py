@@ -1,0 +1,268 @@
+"""Pull and push against a real registry (Debian's docker-registry on 127.0.0.1, plain
+HTTP), with images written by skopeo/umoci and read back by skopeo; the docker CLI and
+the pallet CLI as clients; corrupted blobs; a daemon killed mid-pull."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.registry import Registry, SlowProxy, skopeo, start_registry, umoci_image
+
+DOCKER = "/usr/local/bin/docker"
+
+
+def _tar(entries: dict[str, bytes | None], path: Path) -> Path:
+    """A layer tar: name -> content (None: a directory)."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in entries.items():
+            ti = tarfile.TarInfo(name)
+            ti.mtime = 1_700_000_000
+            if data is None:
+                ti.type = tarfile.DIRTYPE
+                ti.mode = 0o755
+                tf.addfile(ti)
+            else:
+                ti.size = len(data)
+                ti.mode = 0o644
+                tf.addfile(ti, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    reg = start_registry(tmp_path_factory.mktemp("registry"))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path, registry: Registry) -> Path:
+    """An OCI layout written by umoci (busybox + a second layer), copied to the registry
+    by skopeo as ``interop/bb:v1`` (OCI manifest) and ``interop/bb:docker`` (schema 2)."""
+    d = tmp_path_factory.mktemp("umoci")
+    plain = d / "busybox.tar"
+    with open(busybox_tar, "rb") as src, open(plain, "wb") as dst:
+        head = src.read(2)
+        src.seek(0)
+        if head == b"\x1f\x8b":
+            dst.write(gzip.decompress(src.read()))
+        else:
+            shutil.copyfileobj(src, dst)
+    extra = _tar({"etc/": None, "etc/motd": b"hello from umoci\n", "data/": None}, d / "extra.tar")
+    lay = d / "layout"
+    umoci_image(lay, "v1", [plain, extra], ["--config.cmd", "sh", "--config.env", "FOO=bar"])
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        f"oci:{lay}:v1",
+        f"docker://{registry.host}/interop/bb:v1",
+    )
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--format",
+        "v2s2",
+        f"oci:{lay}:v1",
+        f"docker://{registry.host}/interop/bb:docker",
+    )
+    return lay
+
+
+def _messages(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_pull_oci_and_run(daemon: Any, registry: Registry, layout: Path) -> None:
+    ref = f"{registry.host}/interop/bb:v1"
+    status, body = daemon.api("POST", f"/images/create?fromImage={registry.host}/interop/bb&tag=v1")
+    assert status == 200, body
+    msgs = body if isinstance(body, list) else _messages(body)
+    statuses = [m.get("status", "") for m in msgs]
+    assert any(s.startswith("Pulling from interop/bb") for s in statuses), statuses
+    assert "Pull complete" in statuses and "Download complete" in statuses
+    assert any(s.startswith("Digest: sha256:") for s in statuses)
+    assert statuses[-1] == f"Status: Downloaded newer image for {ref}"
+    assert not any("error" in m for m in msgs)
+    inspect = json.loads(daemon.cli("inspect", ref).stdout)[0]
+    assert inspect["RepoTags"] == [ref]
+    assert inspect["RepoDigests"][0].startswith(f"{registry.host}/interop/bb@sha256:")
+    assert len(inspect["RootFS"]["Layers"]) == 2
+    assert inspect["Config"]["Env"] == ["FOO=bar"]
+    out = daemon.cli("run", "--rm", ref, "cat", "/etc/motd").stdout
+    assert out == "hello from umoci\n"
+    # again: nothing to fetch
+    status, body = daemon.api("POST", f"/images/create?fromImage={ref}")
+    statuses = [m.get("status", "") for m in (body if isinstance(body, list) else _messages(body))]
+    assert statuses[-1] == f"Status: Image is up to date for {ref}"
+    assert "Pull complete" not in statuses
+
+
+def test_pull_schema2_by_digest_shares_layers(
+    daemon: Any, registry: Registry, layout: Path
+) -> None:
+    raw = skopeo(
+        "inspect", "--tls-verify=false", "--raw", f"docker://{registry.host}/interop/bb:docker"
+    )
+    import hashlib
+
+    digest = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+    assert json.loads(raw)["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    ref = f"{registry.host}/interop/bb@{digest}"
+    r = daemon.cli("pull", ref)
+    assert digest in r.stdout
+    inspect = json.loads(daemon.cli("inspect", ref).stdout)[0]
+    assert inspect["RepoDigests"] == [ref] or ref in inspect["RepoDigests"]
+    # a wrong digest is refused by the registry or by pallet, never stored
+    bad = f"{registry.host}/interop/bb@sha256:{'0' * 64}"
+    r = daemon.cli("pull", bad, check=False)
+    assert r.returncode != 0
+    assert "not found" in r.stderr or "manifest unknown" in r.stderr, r.stderr
+
+
+def test_docker_cli_pulls_through_pallet(daemon: Any, registry: Registry, layout: Path) -> None:
+    env = {**os.environ, "DOCKER_HOST": daemon.host}
+    r = subprocess.run(
+        [DOCKER, "pull", f"{registry.host}/interop/bb:docker"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Digest: sha256:" in r.stdout
+    assert "Status: " in r.stdout
+    r = subprocess.run(
+        [
+            DOCKER,
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            f"{registry.host}/interop/bb:v1",
+            "cat",
+            "/etc/motd",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "hello from umoci\n"
+
+
+def test_push_read_by_skopeo_and_pull_back(
+    make_daemon: Any, daemon: Any, registry: Registry, tmp_path: Path
+) -> None:
+    name = f"{registry.host}/pallet/busybox:pushed"
+    daemon.cli("tag", "busybox:latest", name)
+    r = daemon.cli("push", name)
+    assert "pushed: digest: sha256:" in r.stdout, r.stdout
+    info = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{name}"))
+    assert info["Digest"].startswith("sha256:")
+    assert len(info["Layers"]) == 1
+    # skopeo can copy it out to an OCI layout and umoci can unpack it
+    skopeo("copy", "--src-tls-verify=false", f"docker://{name}", f"oci:{tmp_path}/out:pushed")
+    subprocess.run(
+        ["umoci", "unpack", "--image", f"{tmp_path}/out:pushed", str(tmp_path / "bundle")],
+        check=True,
+        capture_output=True,
+    )
+    assert (tmp_path / "bundle/rootfs/bin/busybox").exists()
+    # a second push: the blobs are there already
+    r = daemon.cli("push", name)
+    assert "Layer already exists" in r.stdout
+    # cross-repository mount
+    other = f"{registry.host}/pallet/other:v1"
+    daemon.cli("tag", "busybox:latest", other)
+    r = daemon.cli("push", other)
+    assert "Mounted from pallet/busybox" in r.stdout, r.stdout
+    # pulled back by a fresh daemon: the same image ID
+    local_id = json.loads(daemon.cli("inspect", name).stdout)[0]["Id"]
+    fresh = make_daemon(storage_driver="vfs")
+    fresh.cli("pull", name)
+    assert json.loads(fresh.cli("inspect", name).stdout)[0]["Id"] == local_id
+    assert fresh.cli("run", "--rm", name, "echo", "ok").stdout == "ok\n"
+
+
+def test_corrupted_blob_refused(
+    make_daemon: Any, registry: Registry, layout: Path, tmp_path: Path
+) -> None:
+    """Flip bytes of a layer blob in the registry's storage: the pull fails naming the
+    blob, and nothing of the image is stored."""
+    lay = tmp_path / "lay"
+    umoci_image(lay, "c", [_tar({"f": b"x" * 100_000}, tmp_path / "l.tar")])
+    ref = f"{registry.host}/corrupt/img:c"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{lay}:c", f"docker://{ref}")
+    man = json.loads(skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{ref}"))
+    digest = man["layers"][0]["digest"]
+    blob = registry.blob_path("corrupt/img", digest)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    d = make_daemon(storage_driver="overlay")
+    r = d.cli("pull", ref, check=False)
+    assert r.returncode != 0
+    assert f"filesystem layer verification failed for digest {digest}" in r.stderr, r.stderr
+    assert d.api("GET", "/images/json")[1] == []
+    assert d.api("GET", "/_ping")[0] == 200
+    root = Path(d.data_root) / "image" / "overlay"
+    assert list((root / "distribution/tmp").iterdir()) == []
+    assert list((root / "distribution/blobs/sha256").iterdir()) == []
+
+
+def test_killed_mid_pull_cleaned_at_start(
+    make_daemon: Any, registry: Registry, tmp_path: Path
+) -> None:
+    """SIGKILL the daemon while it downloads and unpacks a layer (served slowly through
+    a proxy); the next start leaves no trace and the pull then completes."""
+    lay = tmp_path / "lay"
+    big: dict[str, bytes | None] = {f"d{i}/": None for i in range(20)}
+    for i in range(3000):
+        big[f"d{i % 20}/f{i}"] = os.urandom(1024)
+    umoci_image(lay, "big", [_tar(big, tmp_path / "big.tar")])
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        f"oci:{lay}:big",
+        f"docker://{registry.host}/killed/img:big",
+    )
+    proxy = SlowProxy(registry.port, rate=512 * 1024)
+    ref = f"{proxy.host}/killed/img:big"
+    try:
+        d = make_daemon(storage_driver="overlay")
+        conn = http.client.HTTPConnection("localhost", timeout=120)
+        conn.sock = socket.socket(socket.AF_UNIX)
+        conn.sock.connect(d.sock)
+        conn.request("POST", f"/images/create?fromImage={proxy.host}/killed/img&tag=big")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        while line := resp.readline():
+            if b"Extracting" in line:
+                break
+        d.stop(signal.SIGKILL)
+        conn.close()
+        # the unpacker child dies with the daemon (PDEATHSIG)
+        d.start()
+        root = Path(d.data_root) / "image" / "overlay"
+        assert d.api("GET", "/images/json")[1] == []
+        assert list((root / "distribution/tmp").iterdir()) == []
+        assert list((root / "distribution/blobs/sha256").iterdir()) == []
+        assert not list((Path(d.data_root) / "overlay").rglob("f2999"))
+        d.cli("pull", ref)
+        assert json.loads(d.cli("inspect", ref).stdout)[0]["RepoTags"] == [ref]
+        assert len(list((Path(d.data_root) / "overlay").rglob("f2999"))) == 1
+    finally:
+        proxy.close()
