@@ -18,9 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 from pallet import cli as pcli
+from pallet.cli import _common
+from pallet.cli import format as pformat
 from pallet.streams import STDERR, STDOUT, frame
 
 from tests.test_client import Request, StubServer
@@ -452,6 +455,46 @@ def test_help_is_fast_and_lazy() -> None:
     assert r.returncode == 0 and "Commands:" in r.stdout
 
 
+def _modules_after(*args: str) -> set[str]:
+    """The modules loaded once ``pallet ARGS`` has run (in a fresh interpreter)."""
+    code = (
+        "import sys\n"
+        "from pallet.cli import main\n"
+        f"sys.argv = ['pallet', *{list(args)!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(' '.join(sys.modules), file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(r.stderr.split())
+
+
+def test_commands_load_only_their_module() -> None:
+    loaded = _modules_after("--help")
+    assert not {"pallet.cli.containers", "pallet.cli.images", "pallet.cli.system"} & loaded
+    loaded = _modules_after("run", "--help")
+    assert "pallet.cli.containers" in loaded
+    assert not {"pallet.cli.images", "pallet.cli.system", "pallet.client"} & loaded
+    loaded = _modules_after("images", "--help")
+    assert "pallet.cli.images" in loaded
+    assert not {"pallet.cli.containers", "pallet.cli.system"} & loaded
+
+
+def test_command_table_matches_the_commands() -> None:
+    """Each COMMANDS entry names a command of that name whose short help is the table's,
+    so `pallet --help` (which reads only the table) shows what `pallet CMD --help` does."""
+    for name, (target, short_help) in pcli.COMMANDS.items():
+        command = pcli.load_command(name)
+        assert command.name == name, target
+        assert command.get_short_help_str(limit=1000) == short_help, target
+    r = CliRunner().invoke(pcli.cli, ["--help"])
+    listed = [line.split()[0] for line in r.stdout.split("Commands:\n")[1].splitlines()]
+    assert listed == sorted(pcli.COMMANDS)
+    assert pcli.cli.get_command(click.Context(pcli.cli), "nope") is None
+
+
 # --------------------------------------------------------------------------- start/stop/...
 
 
@@ -556,7 +599,7 @@ def _containers() -> list[dict[str, Any]]:
 
 @pytest.fixture
 def frozen_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pcli.time, "time", lambda: NOW)
+    monkeypatch.setattr(time, "time", lambda: NOW)
 
 
 def test_ps_table(server: StubServer, frozen_time: None) -> None:
@@ -884,31 +927,31 @@ def test_version_without_daemon(tmp_path: Path) -> None:
     ],
 )
 def test_human_duration(seconds: float, text: str) -> None:
-    assert pcli.human_duration(seconds) == text
+    assert pformat.human_duration(seconds) == text
 
 
 def test_sizes() -> None:
-    assert pcli.human_size(0) == "0B"
-    assert pcli.human_size(999) == "999B"
-    assert pcli.human_size(1000) == "1kB"
-    assert pcli.human_size(4_261_550) == "4.26MB"
-    assert pcli.human_size(1_234_567_890) == "1.23GB"
-    assert pcli.bytes_size(16 * 1024**3) == "16GiB"
+    assert pformat.human_size(0) == "0B"
+    assert pformat.human_size(999) == "999B"
+    assert pformat.human_size(1000) == "1kB"
+    assert pformat.human_size(4_261_550) == "4.26MB"
+    assert pformat.human_size(1_234_567_890) == "1.23GB"
+    assert pformat.bytes_size(16 * 1024**3) == "16GiB"
 
 
 def test_tabwrite_like_go() -> None:
-    assert pcli.tabwrite(["A\tBB\tC", "longer value\tx\ty"]) == (
+    assert pformat.tabwrite(["A\tBB\tC", "longer value\tx\ty"]) == (
         "A              BB        C\nlonger value   x         y\n"
     )
 
 
 def test_references() -> None:
-    assert pcli.split_reference("busybox") == ("busybox", "")
-    assert pcli.split_reference("busybox:1.36") == ("busybox", "1.36")
-    assert pcli.split_reference("localhost:5000/a/b") == ("localhost:5000/a/b", "")
-    assert pcli.split_reference("localhost:5000/a:v2") == ("localhost:5000/a", "v2")
-    assert pcli.tagged_reference("busybox") == "busybox:latest"
-    assert pcli.tagged_reference("a@sha256:00") == "a@sha256:00"
+    assert _common.split_reference("busybox") == ("busybox", "")
+    assert _common.split_reference("busybox:1.36") == ("busybox", "1.36")
+    assert _common.split_reference("localhost:5000/a/b") == ("localhost:5000/a/b", "")
+    assert _common.split_reference("localhost:5000/a:v2") == ("localhost:5000/a", "v2")
+    assert _common.tagged_reference("busybox") == "busybox:latest"
+    assert _common.tagged_reference("a@sha256:00") == "a@sha256:00"
 
 
 @pytest.mark.parametrize(
@@ -938,14 +981,14 @@ def test_references() -> None:
     ],
 )
 def test_templates(tpl: str, out: str) -> None:
-    assert pcli.Template(tpl).execute(CONTAINER_JSON) == out
+    assert pformat.Template(tpl).execute(CONTAINER_JSON) == out
 
 
 def test_jsonmessages_non_tty() -> None:
     import io
 
     out = io.StringIO()
-    aux = pcli.display_jsonmessages(
+    aux = pformat.display_jsonmessages(
         [
             {"status": "Importing", "progressDetail": {"current": 10}, "id": "x"},
             {"stream": "Step 1/2\n"},

@@ -1,0 +1,163 @@
+"""``pallet``: the command line, a client of the daemon's Docker Engine API.
+
+Verbs, flags, output tables, messages and exit statuses follow the docker CLI's, so
+that scripts written for one work with the other.
+
+This package is on the path of every command, so it loads lazily: the root group knows
+its commands from the ``COMMANDS`` table and imports only the module of the command
+being run (``pallet run`` never imports the image or system commands). ``pallet
+--help`` lists commands from the table, without importing any command module. Modules
+import click and nothing heavy at the top; the HTTP client, threading, signal handling
+and the like are imported inside the commands that need them.
+
+Adding commands:
+
+- one module per command group, ``core/cli/<group>.py`` (say ``network.py``); define
+  each command with ``@click.command(short_help="...")`` (``@click.group`` for a
+  ``pallet network ...`` family), sharing what ``_common`` (client, ``_err``/``_fail``,
+  ``_each``, ``_filters``) and ``format`` (tables, sizes, Go templates, jsonmessages)
+  offer;
+- one line per top-level command in ``COMMANDS``: ``"name": ("pallet.cli.<group>:<function>",
+  "Short help.")``, the short help being the command's own ``short_help``
+  (tests/test_cli.py checks that the two agree).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import click
+from pallet.cli._common import _fail, _is_client_error, _State
+
+# name -> ("module:function", short help shown by `pallet --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    # containers
+    "run": ("pallet.cli.containers:run", "Create and run a new container from an image."),
+    "create": ("pallet.cli.containers:create", "Create a new container."),
+    "start": ("pallet.cli.containers:start", "Start one or more stopped containers."),
+    "stop": ("pallet.cli.containers:stop", "Stop one or more running containers."),
+    "restart": ("pallet.cli.containers:restart", "Restart one or more containers."),
+    "kill": ("pallet.cli.containers:kill", "Kill one or more running containers."),
+    "rm": ("pallet.cli.containers:rm", "Remove one or more containers."),
+    "ps": ("pallet.cli.containers:ps", "List containers."),
+    "logs": ("pallet.cli.containers:logs", "Fetch the logs of a container."),
+    "wait": (
+        "pallet.cli.containers:wait",
+        "Block until containers stop, then print their exit codes.",
+    ),
+    "inspect": ("pallet.cli.containers:inspect", "Return low-level information on objects."),
+    # images
+    "images": ("pallet.cli.images:images", "List images."),
+    "import": (
+        "pallet.cli.images:import_",
+        "Import the contents from a tarball to create an image.",
+    ),
+    "tag": ("pallet.cli.images:tag", "Create a tag TARGET_IMAGE that refers to SOURCE_IMAGE."),
+    "rmi": ("pallet.cli.images:rmi", "Remove one or more images."),
+    # system
+    "info": ("pallet.cli.system:info", "Display system-wide information."),
+    "version": ("pallet.cli.system:version", "Show the pallet version information."),
+}
+
+
+def load_command(name: str) -> click.Command:
+    """Import the module of command ``name`` (from ``COMMANDS``) and return the command."""
+    target = COMMANDS[name][0]
+    module_name, _, attr = target.partition(":")
+    # __import__, not importlib.import_module: the same import, but `-X importtime`
+    # reports it (importlib's pure-Python path is invisible to it)
+    __import__(module_name)
+    command = getattr(sys.modules[module_name], attr)
+    if not isinstance(command, click.Command):
+        raise TypeError(f"{target} is not a click command")
+    return command
+
+
+class PalletGroup(click.Group):
+    """The top-level group: docker's exit statuses (125 for bad usage, 1 for a daemon
+    error) and messages on stderr; subcommands come from ``COMMANDS``, imported only
+    when invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = self.commands.get(cmd_name)
+        if command is None and cmd_name in COMMANDS:
+            command = load_command(cmd_name)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from the table's short help: no command module is imported."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.commands.get(name)
+            if command is not None:
+                if command.hidden:
+                    continue
+                rows.append((name, command.get_short_help_str()))
+            else:
+                rows.append((name, COMMANDS[name][1]))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> NoReturn:
+        try:
+            rv = super().main(
+                args, prog_name or "pallet", complete_var, standalone_mode=False, **extra
+            )
+        except click.UsageError as exc:
+            exc.show()
+            sys.exit(125)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            sys.exit(130)
+        # (a reader that went away, `pallet ps | head`, is click's: quiet exit 1)
+        except Exception as exc:
+            if _is_client_error(exc):
+                _fail(str(exc))
+            raise
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(
+    cls=PalletGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["--help"], "max_content_width": 100},
+)
+@click.option(
+    "-H",
+    "--host",
+    envvar="PALLET_HOST",
+    metavar="HOST",
+    help="Daemon socket to connect to (unix:///run/pallet.sock, tcp://host:port).",
+)
+@click.version_option(
+    None, "-v", "--version", package_name="pallet", message="pallet version %(version)s"
+)
+@click.pass_context
+def cli(ctx: click.Context, host: str | None) -> None:
+    """A container engine built the way Docker was.
+
+    pallet talks to the pallet daemon (palletd) through the Docker Engine API.
+    """
+    ctx.obj = _State(host)
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli.main()
