@@ -235,6 +235,9 @@ class Daemon:
         self.plugins.register(SystemJobs(self), "core.system")
         self.plugins.register(ContainerJobs(self.containers), "core.containers")
         self.plugins.register(ImageJobs(self), "core.images")
+        from pallet.jobs.storage import StorageJobs
+
+        self.plugins.register(StorageJobs(self), "core.storage")
         from pallet.jobs.networks import NetworkJobs
 
         self.plugins.register(NetworkJobs(self.networks), "core.networks")

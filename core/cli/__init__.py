@@ -56,6 +56,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "tag": ("pallet.cli.images:tag", "Create a tag TARGET_IMAGE that refers to SOURCE_IMAGE."),
     "rmi": ("pallet.cli.images:rmi", "Remove one or more images."),
+    # storage (graph operations on containers)
+    "diff": (
+        "pallet.cli.storage:diff",
+        "Inspect changes to files or directories on a container's filesystem.",
+    ),
+    "commit": ("pallet.cli.storage:commit", "Create a new image from a container's changes."),
+    "export": ("pallet.cli.storage:export", "Export a container's filesystem as a tar archive."),
     # system
     "info": ("pallet.cli.system:info", "Display system-wide information."),
     "version": ("pallet.cli.system:version", "Show the pallet version information."),

@@ -247,7 +247,11 @@ def add_layer(d: StorageDriver, parent: str | None, data: bytes, scratch: Path) 
         d.remove(key)
         raise
     cid = archive.chain_id(parent, res.diff_id)
-    d.commit(cid, key)
+    try:
+        d.commit(cid, key)
+    except BaseException:
+        d.remove(key)
+        raise
     return cid
 
 

@@ -1,0 +1,77 @@
+"""Run inside the QEMU guest (tests/test_devmapper_guest.py): the conformance suite and
+devmapper's own tests, on a kernel with device-mapper. Not collected on the host."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from pallet import archive, mount
+from pallet.errors import Unavailable
+from pallet.testing.conformance import BASE, DriverConformance, Mounter, add_layer, tar
+from pallet.testing.envs import ENVIRONMENTS
+
+
+class TestConformance(DriverConformance):
+    drivers = ["devmapper"]
+
+
+def _open(root: Path, **opts: str):  # type: ignore[no-untyped-def]
+    from pallet.plugins.storage_devmapper.driver import DevmapperDriver
+
+    with ENVIRONMENTS["devmapper"](root) as env:
+        options = DevmapperDriver.Options.model_validate({**env.options, **opts})
+    DevmapperDriver.probe(root, options)
+    return DevmapperDriver(root / "dm", options)
+
+
+def test_devmapper_devices_and_persisted_ids(tmp_path: Path, snapshot_mounter: Mounter) -> None:
+    d = _open(tmp_path)
+    try:
+        base = add_layer(d, None, BASE, tmp_path)
+        mounts = d.prepare("ctr", base)
+        assert mounts[0].type == "ext4" and mounts[0].source.startswith("/dev/mapper/pallet-")
+        assert os.path.exists(mounts[0].source), "udev made the /dev/mapper link"
+        meta = d.metadata("ctr")
+        status = dict(d.status())
+        assert status["Pool Name"].endswith("-pool") and status["Thin Pool Mode"] == "rw"
+        tables = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True).stdout
+        assert meta["DeviceName"] in tables
+        d.close()
+        d = _open(tmp_path)  # a restart: same pool, same ids
+        assert d.metadata("ctr") == meta
+        with snapshot_mounter(d.mounts("ctr")) as root:
+            assert (root / "bin/tool").read_bytes() == b"#!/bin/sh\necho tool\n"
+        d.remove("ctr")
+        assert (
+            meta["DeviceName"]
+            not in subprocess.run(["dmsetup", "ls"], capture_output=True, text=True).stdout
+        )
+    finally:
+        d.close()
+    assert "pallet-" not in subprocess.run(["dmsetup", "ls"], capture_output=True, text=True).stdout
+
+
+def test_devmapper_full_pool_is_a_clear_error(tmp_path: Path, snapshot_mounter: Mounter) -> None:
+    d = _open(tmp_path, **{"dm.loopdatasize": "64MB", "dm.basesize": "128MB"})
+    try:
+        base = add_layer(d, None, BASE, tmp_path)
+        big = tar({"name": "blob", "data": os.urandom(80 << 20)})
+        with pytest.raises((Unavailable, OSError)) as e:
+            add_layer(d, base, big, tmp_path)
+        msg = str(e.value)
+        assert "full" in msg or "space" in msg.lower() or "Input/output" in msg, msg
+        assert "full" in msg, msg
+        with pytest.raises(Unavailable, match=r"thin pool .* is full"):
+            d.prepare("more", base)
+        assert dict(d.status())["Thin Pool Mode"] in ("out_of_data_space", "rw")
+        # what was stored is unharmed and still readable
+        assert [i.key for i in d.walk()] == [base]
+        with snapshot_mounter(d.view("v", base)) as root:
+            assert (root / "etc/big").read_bytes() == bytes(range(256)) * 1024
+    finally:
+        d.close()
+    _ = (io, archive, mount)
