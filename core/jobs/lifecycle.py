@@ -260,7 +260,7 @@ class LifecycleJobs:
                 raise item
             await job.output.write(item)
 
-    async def archive_put(self, job: Job) -> None:
+    async def archive_put(self, job: Job) -> bytes:
         """``PUT .../archive?path=``: extract the uploaded tar into a directory."""
         from pallet.archive import apply_layer
 
@@ -310,3 +310,4 @@ class LifecycleJobs:
         except NotFound:
             raise
         self.containers.event("extract-to-dir", c)
+        return b""  # 200 with an empty body, as dockerd answers
