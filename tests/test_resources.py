@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,13 @@ from pallet.cgroups import Cgroup, Hierarchies
 
 from tests.conftest import Daemon
 from tests.test_cli_e2e import until
+from tests.test_security import overlay_daemon
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path) -> Iterator[Daemon]:
+    yield from overlay_daemon(tmp_path_factory, busybox_tar)
+
 
 MiB = 1024 * 1024
 

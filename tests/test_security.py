@@ -5,12 +5,30 @@ users and groups, rlimits, devices, tmpfs, --init; bad input refused cleanly."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Daemon
 from tests.test_cli_e2e import until
+
+
+def overlay_daemon(tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path) -> Iterator[Daemon]:
+    """What these modules test does not depend on the storage driver: one daemon
+    (overlay) instead of conftest's pair keeps the suite within its time budget."""
+    d = Daemon(tmp_path_factory.mktemp("palletd-overlay"), "overlay", [])
+    d.start()
+    try:
+        d.import_busybox(busybox_tar)
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path) -> Iterator[Daemon]:
+    yield from overlay_daemon(tmp_path_factory, busybox_tar)
 
 
 def status_fields(daemon: Daemon, *flags: str) -> dict[str, str]:
