@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pallet.testing.envs import btrfs_filesystem
@@ -44,3 +45,37 @@ def test_diff_commit_export_btrfs(btrfs_daemon: Daemon) -> None:
     assert info["Driver"] == "btrfs"
     status = dict(info["DriverStatus"])
     assert status["Backing Filesystem"] == "btrfs"
+
+
+def test_info_shows_driver_status_and_skips(btrfs_daemon: Daemon) -> None:
+    out = btrfs_daemon.cli("info").stdout
+    assert "Storage Driver: btrfs" in out
+    assert "Backing Filesystem: btrfs" in out
+    # devmapper cannot work on this kernel (no device-mapper): pallet info says why
+    _, info = btrfs_daemon.api("GET", "/info")
+    report = {(r["Kind"], r["Name"]): r for r in info["PalletDrivers"]}
+    dm = report[("storage", "devmapper")]
+    if not os.path.exists("/dev/mapper/control"):
+        assert dm["State"] == "skipped" and "device-mapper" in dm["Reason"]
+    assert report[("storage", "btrfs")]["State"] == "selected"
+
+
+def test_btrfs_refused_off_btrfs(make_daemon: Any) -> None:
+    d = make_daemon(storage_driver="btrfs", start=False)
+    with pytest.raises(RuntimeError, match="not btrfs"):
+        d.start()
+
+
+def test_switching_driver_over_a_store_is_refused(make_daemon: Any, busybox_tar: Path) -> None:
+    d = make_daemon(storage_driver="vfs")
+    d.import_busybox(busybox_tar)
+    d.stop()
+    d.args[d.args.index("--storage-driver") + 1] = "overlay"
+    with pytest.raises(RuntimeError, match="already holds images and containers of the 'vfs'"):
+        d.start()
+    # without a configured driver, the one with state is taken
+    i = d.args.index("--storage-driver")
+    del d.args[i : i + 2]
+    d.start()
+    _, info = d.api("GET", "/info")
+    assert info["Driver"] == "vfs" and info["Images"] == 1
