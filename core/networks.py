@@ -290,8 +290,7 @@ class _DNSServer(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.service._spawn(self._answer(data, addr))
@@ -344,6 +343,7 @@ class Networks:
         for name, cls in daemon.network_drivers.items():
             self.drivers[name] = cls(self.root / name, self.settings)
         self.nets: dict[str, NetworkRecord] = {}
+        self._pending: dict[str, NetworkRecord] = {}  # being created
         for row in self.store.query("SELECT doc FROM networks"):
             n = NetworkRecord.model_validate_json(row["doc"])
             self.nets[n.id] = n
@@ -467,7 +467,7 @@ class Networks:
         """The first subnet of the address pools overlapping no network and no route."""
         taken = [
             ipaddress.IPv4Network(n.subnet)
-            for n in self.nets.values()
+            for n in self._all_nets()
             if n.subnet and n.id != exclude
         ] + self._host_routes()
         pools = self.daemon.config.default_address_pools or DEFAULT_POOLS
@@ -511,7 +511,28 @@ class Networks:
 
     # --- network records: create, remove, inspect ---------------------------------------
 
-    def create_network(self, body: Any) -> dict[str, str]:
+    async def create_network(self, body: Any) -> dict[str, str]:
+        """Validate, make it on the host (off the loop: netlink), then record it."""
+        rec = self._plan_network(body)
+        driver = self.drivers[rec.driver]
+        self._pending[rec.id] = rec  # its name, subnet and bridge are taken meanwhile
+        try:
+            await asyncio.to_thread(driver.create_network, rec.info())
+            try:
+                self._save_net(rec)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(driver.delete_network, rec.info())
+                raise
+        finally:
+            self._pending.pop(rec.id, None)
+        await self.program()  # its masquerade, its isolation from the others
+        return {"Id": rec.id, "Warning": ""}
+
+    def _all_nets(self) -> list[NetworkRecord]:
+        return [*self.nets.values(), *self._pending.values()]
+
+    def _plan_network(self, body: Any) -> NetworkRecord:
         from pallet.api import parse_body
 
         req: NetworkCreate = parse_body(NetworkCreate, body, "network config")
@@ -522,7 +543,7 @@ class Networks:
             raise InvalidArgument(
                 f"invalid network name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"
             )
-        if any(n.name == name for n in self.nets.values()):
+        if any(n.name == name for n in self._all_nets()):
             raise Conflict(f"network with name {name} already exists")
         driver = self.drivers.get(req.Driver)
         if req.Driver in ("host", "null") or (driver is not None and not driver.user_creatable):
@@ -552,7 +573,7 @@ class Networks:
                 raise InvalidArgument("IPv6 networks are not supported by pallet")
             if subnet.prefixlen > 30:
                 raise InvalidArgument(f"invalid subnet {subnet_s} : too small for containers")
-            for n in self.nets.values():
+            for n in self._all_nets():
                 if n.subnet and ipaddress.IPv4Network(n.subnet).overlaps(subnet):
                     raise Forbidden("Pool overlaps with other one on this address space")
         else:
@@ -573,7 +594,7 @@ class Networks:
         bridge = options.get("com.docker.network.bridge.name") or f"br-{nid[:12]}"
         if len(bridge) > 15 or not re.fullmatch(r"[a-zA-Z0-9_.-]+", bridge):
             raise InvalidArgument(f"invalid bridge name {bridge!r}")
-        if any(n.bridge == bridge for n in self.nets.values()):
+        if any(n.bridge == bridge for n in self._all_nets()):
             raise Conflict(f"bridge name {bridge} is used by another network")
         try:
             mtu = int(options.get("com.docker.network.driver.mtu") or self.settings.mtu)
@@ -596,16 +617,9 @@ class Networks:
             labels=dict(req.Labels or {}),
             ipam_options=dict(ipam.Options or {}),
         )
-        driver.create_network(rec.info())  # nothing stored yet if this fails
-        try:
-            self._save_net(rec)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                driver.delete_network(rec.info())
-            raise
-        return {"Id": nid, "Warning": ""}
+        return rec
 
-    def remove_network(self, ref: str) -> None:
+    async def remove_network(self, ref: str) -> None:
         n = self.get(ref)
         if n.predefined:
             raise Forbidden(f"{n.name} is a pre-defined network and cannot be removed")
@@ -614,12 +628,14 @@ class Networks:
                 f"error while removing network: network {n.name} id {n.id} has active endpoints"
             )
         driver = self.drivers.get(n.driver)
-        if driver is not None:
-            driver.delete_network(n.info())
+        # Forget it first (nothing can join it any more), then take it off the host.
+        self.nets.pop(n.id, None)
         with self.store.transaction() as db:
             db.execute("DELETE FROM leases WHERE network_id = ?", (n.id,))
             db.execute("DELETE FROM networks WHERE id = ?", (n.id,))
-        self.nets.pop(n.id, None)
+        await self.program()
+        if driver is not None:
+            await asyncio.to_thread(driver.delete_network, n.info())
 
     def _referenced(self, n: NetworkRecord) -> bool:
         for c in self.daemon.containers.by_id.values():
@@ -630,16 +646,19 @@ class Networks:
                 return True
         return any(ep.network_id == n.id for ep in self.eps.values())
 
-    def prune(self, filters: dict[str, list[str]]) -> dict[str, Any]:
+    async def prune(self, filters: dict[str, list[str]]) -> dict[str, Any]:
         deleted = []
         for n in list(self.nets.values()):
             if n.predefined or self._referenced(n):
                 continue
             if not self._label_match(n, filters):
                 continue
-            with contextlib.suppress(Exception):
-                self.remove_network(n.id)
-                deleted.append(n.name)
+            try:
+                await self.remove_network(n.id)
+            except Exception as e:
+                log.warning("prune: network %s: %s", n.name, e)
+                continue
+            deleted.append(n.name)
         return {"NetworksDeleted": deleted or None}
 
     @staticmethod
@@ -745,7 +764,11 @@ class Networks:
             primary = self.get("bridge" if mode == "default" else mode)
             if primary.driver == "host" and doc["Config"].get("Hostname") == doc["Id"][:12]:
                 doc["Config"]["Hostname"] = socket.gethostname()
-            wanted = {primary.name: endpoints_config.pop(primary.name, None)}
+            # The docker CLI names the primary network by what --network said ("default").
+            first = endpoints_config.pop(mode, None)
+            first = endpoints_config.pop(primary.name, None) or first
+            first = endpoints_config.pop(primary.id, None) or first
+            wanted = {primary.name: first}
             if primary.driver in ("host", "null") and endpoints_config:
                 raise InvalidArgument(
                     f"container cannot be connected to multiple networks with one of the "
@@ -888,18 +911,24 @@ class Networks:
             mtu=net.mtu,
             aliases=list(settings.get("Aliases") or []),
         )
-        if driver.uses_ipam:
-            ep.address = self._lease(net, ep.id, want)
-            ep.prefixlen = net.prefixlen
-            ep.mac = mac_for(ep.address)
-            ep.gateway = net.gateway if primary and not net.internal else ""
         if primary:
             ep.ports = self._reserve_ports(c, ep)
-        with self.store.transaction() as db:
-            db.execute(
-                "INSERT INTO endpoints (id, network_id, container_id, doc) VALUES (?,?,?,?)",
-                (ep.id, net.id, c.id, ep.model_dump_json()),
-            )
+        try:
+            # The lease and the endpoint are written together or not at all.
+            with self.store.transaction() as db:
+                if driver.uses_ipam:
+                    ep.address = self._lease(net, ep.id, want)
+                    ep.prefixlen = net.prefixlen
+                    ep.mac = mac_for(ep.address)
+                    ep.gateway = net.gateway if primary and not net.internal else ""
+                db.execute(
+                    "INSERT INTO endpoints (id, network_id, container_id, doc) VALUES (?,?,?,?)",
+                    (ep.id, net.id, c.id, ep.model_dump_json()),
+                )
+        except BaseException:
+            for p in ep.ports:
+                self._unreserve(p)
+            raise
         self.eps[ep.id] = ep
 
     def _lease(self, net: NetworkRecord, endpoint_id: str, want: str) -> str:

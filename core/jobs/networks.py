@@ -28,11 +28,10 @@ class NetworkJobs:
         return self.networks.inspect(self.networks.get(job.arg()))
 
     async def create(self, job: Job) -> dict[str, str]:
-        # On the loop thread: the name check and the insert must not interleave.
-        return self.networks.create_network(job.body)
+        return await self.networks.create_network(job.body)
 
     async def delete(self, job: Job) -> None:
-        self.networks.remove_network(job.arg())
+        await self.networks.remove_network(job.arg())
 
     async def connect(self, job: Job) -> None:
         await self.networks.connect(job.arg(), job.body)
@@ -41,4 +40,4 @@ class NetworkJobs:
         await self.networks.disconnect(job.arg(), job.body)
 
     async def prune(self, job: Job) -> dict[str, Any]:
-        return self.networks.prune(filters(job))
+        return await self.networks.prune(filters(job))
