@@ -252,6 +252,11 @@ class Containers:
                 f'"{self.names[name]}". You have to remove (or rename) that container to be '
                 "able to reuse that name."
             )
+        mounts = await asyncio.to_thread(  # -v/--mount checked, volumes made (volumes.py)
+            self.daemon.volumes.setup_container,
+            hc.model_dump(exclude_none=True),
+            {**(image.get("Volumes") or {}), **(cfg.Volumes or {})},
+        )
         self.names[name] = cid  # reserved while the rootfs is prepared
         try:
             await asyncio.to_thread(graph.prepare_rootfs, cid, image_id)
@@ -313,7 +318,7 @@ class Containers:
             "ExecIDs": None,
             "HostConfig": host_config,
             "GraphDriver": {"Name": self.daemon.storage.name, "Data": None},
-            "Mounts": [],
+            "Mounts": mounts,
             "Config": config,
             "NetworkSettings": {
                 "Bridge": "",
@@ -329,6 +334,7 @@ class Containers:
         }
         c = Container(doc)
         try:
+            self.daemon.networks.on_create(doc, cfg.NetworkingConfig)  # validates, fills
             data_dir.mkdir(parents=True, exist_ok=True)
             self.save(c)
         except BaseException:
@@ -349,22 +355,9 @@ class Containers:
         d = self.data_dir(c.id)
         hostname = c.config["Hostname"]
         (d / "hostname").write_text(hostname + "\n")
-        (d / "hosts").write_text(
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-            f"127.0.1.1\t{hostname}\n"
-        )
-        resolv = ""
-        with contextlib.suppress(OSError):
-            for line in Path("/etc/resolv.conf").read_text().splitlines():
-                parts = line.split()
-                if (
-                    parts[:1] == ["nameserver"]
-                    and len(parts) > 1
-                    and (parts[1].startswith("127.") or parts[1] == "::1")
-                ):
-                    continue  # a loopback resolver is the host's, unreachable from inside
-                resolv += line + "\n"
-        (d / "resolv.conf").write_text(resolv)
+        # Contents depend on the container's networks (addresses, embedded DNS, mode).
+        (d / "hosts").write_text(self.daemon.networks.hosts_file(c))
+        (d / "resolv.conf").write_text(self.daemon.networks.resolv_conf(c))
         return [
             Mount(
                 destination=f"/etc/{n}",
@@ -381,6 +374,7 @@ class Containers:
                 raise NotModified("container already started")
             if c.removing or c.removed:
                 raise Conflict(f"removal of container {c.id} is in progress")
+            self.daemon.lifecycle.starting(c)  # a user's start: restart policy applies again
             await self._start_locked(c)
 
     async def _start_locked(self, c: Container) -> None:
@@ -400,6 +394,7 @@ class Containers:
 
         await asyncio.to_thread(prepare)
         try:
+            netns = self.daemon.networks.prepare(c)  # addresses, ports: before /etc files
             etc_mounts = self._write_etc_files(c)
             spec = build_spec(
                 container_id=c.id,
@@ -412,7 +407,11 @@ class Containers:
                 tty=c.tty,
                 rootfs=rootfs,
                 host_config=c.host_config,
-                extra_mounts=etc_mounts,
+                extra_mounts=[
+                    *etc_mounts,
+                    *self.daemon.volumes.container_mounts(c.doc["Mounts"], c.host_config, rootfs),
+                ],
+                network_namespace=netns,
             )
             (bundle / "config.json").write_text(spec.model_dump_json(exclude_none=True))
             backend = self.daemon.exec_backends[c.host_config["Runtime"]]
@@ -424,6 +423,7 @@ class Containers:
                 on_output=c.on_output,
             )
             try:
+                await self.daemon.networks.attach(c, shim.pid)  # netns exists, not started
                 await shim.start()
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -434,6 +434,7 @@ class Containers:
                 raise
         except ExecError as e:
             await asyncio.to_thread(self._teardown_bundle, bundle)
+            await self.daemon.networks.release(c)
             c.state.update(ExitCode=e.exit_code, Error=e.message)
             self.save(c)
             if c.host_config.get("AutoRemove"):
@@ -444,6 +445,9 @@ class Containers:
             ) from None
         except BaseException:
             await asyncio.to_thread(self._teardown_bundle, bundle)
+            await self.daemon.networks.release(c)
+            if c.host_config.get("AutoRemove"):  # a bad user, device...: --rm still removes
+                self._spawn(self.remove(c, force=True))
             raise
         c.shim = shim
         c.state.update(
@@ -488,12 +492,14 @@ class Containers:
             Error=error,
         )
         await asyncio.to_thread(self._teardown_bundle, self.bundle_dir(c.id))
+        await self.daemon.networks.release(c)  # veths, rules, leases, ports, DNS
         if not c.removed:
             self.save(c)
         for q in c.attachers:
             q.put_nowait(None)
         c.exits += 1
         self.event("die", c, exitCode=str(code))
+        self.daemon.lifecycle.exited(c)  # pause state, restart policy (lifecycle.py)
         await c.notify()
         if c.host_config.get("AutoRemove") and not c.removing and not c.removed:
             await self.remove(c, force=True)
@@ -510,18 +516,22 @@ class Containers:
 
     async def kill(self, c: Container, signal: str | int | None) -> None:
         sig = parse_signal(signal, signals.SIGKILL)
+        self.daemon.lifecycle.stopping(c)  # by hand: no restart policy
         if not c.running or c.shim is None:
             raise Conflict(f"Container {c.id} is not running")
         await c.shim.kill(sig)
+        await self.daemon.lifecycle.signalled(c, sig)  # a paused one thaws to act on it
         self.event("kill", c, signal=str(sig))
 
     async def stop(self, c: Container, timeout: int | None, signal: str | None) -> None:
+        self.daemon.lifecycle.stopping(c)  # by hand: no restart policy
         if not c.running or c.shim is None:
             raise NotModified("container already stopped")
         sig = parse_signal(signal or c.config.get("StopSignal"), signals.SIGTERM)
         if timeout is None:
             timeout = c.config.get("StopTimeout") or 10
         await c.shim.kill(sig)
+        await self.daemon.lifecycle.signalled(c, sig)
         self.event("kill", c, signal=str(sig))
         if not await self._wait_exit(c, None if timeout < 0 else float(timeout)):
             if c.shim is not None:
@@ -531,7 +541,7 @@ class Containers:
             await self._wait_exit(c, None)
         self.event("stop", c)
 
-    async def remove(self, c: Container, force: bool = False) -> None:
+    async def remove(self, c: Container, force: bool = False, volumes: bool = False) -> None:
         if c.removed:
             return
         if c.removing:
@@ -543,10 +553,13 @@ class Containers:
             )
         c.removing = True
         try:
+            self.daemon.lifecycle.cancel(c)  # a pending restart
             if c.running and c.shim is not None:
                 with contextlib.suppress(Exception):
                     await c.shim.kill(signals.SIGKILL)
+                await self.daemon.lifecycle.signalled(c, signals.SIGKILL)
                 await self._wait_exit(c, None)
+            await self.daemon.networks.release(c)
             await asyncio.to_thread(self.daemon.graph.remove_rootfs, c.id)
             await asyncio.to_thread(shutil.rmtree, self.data_dir(c.id), True)
             self.store.execute("DELETE FROM containers WHERE id = ?", (c.id,))
@@ -554,6 +567,7 @@ class Containers:
             c.removing = False
         c.removed = True
         self.by_id.pop(c.id, None)
+        self.daemon.volumes.release(c.doc["Mounts"], volumes)  # rm -v: anonymous volumes
         if self.names.get(c.name) == c.id:
             del self.names[c.name]
         self.event("destroy", c)

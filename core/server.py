@@ -64,16 +64,49 @@ ROUTES: list[Route] = [
     _route("POST", "/containers/{id}/kill", "container.kill", 204),
     _route("POST", "/containers/{id}/wait", "container.wait"),
     _route("POST", "/containers/{id}/attach", "container.attach"),
+    _route("POST", "/containers/{id}/resize", "container.resize"),
+    _route("POST", "/containers/{id}/exec", "exec.create", 201),
+    _route("POST", "/exec/{id}/start", "exec.start"),
+    _route("POST", "/exec/{id}/resize", "exec.resize"),
+    _route("GET", "/exec/{id}/json", "exec.inspect"),
     _route("GET", "/containers/{id}/logs", "container.logs"),
     _route("GET", "/containers/{id}/changes", "container.changes"),
     _route("GET", "/containers/{id}/export", "container.export"),
     _route("POST", "/commit", "container.commit", 201),
     _route("DELETE", "/containers/{id}", "container.delete", 204),
+    _route("POST", "/containers/{id}/pause", "container.pause", 204),
+    _route("POST", "/containers/{id}/unpause", "container.unpause", 204),
+    _route("POST", "/containers/{id}/update", "container.update"),
+    _route("GET", "/containers/{id}/stats", "container.stats"),
+    _route("GET", "/containers/{id}/top", "container.top"),
+    _route("POST", "/containers/{id}/rename", "container.rename", 204),
+    _route("HEAD", "/containers/{id}/archive", "container.archive_head"),
+    _route("GET", "/containers/{id}/archive", "container.archive_get"),
+    _route("PUT", "/containers/{id}/archive", "container.archive_put", stream_body=True),
+    _route("GET", "/volumes", "volume.list"),
+    _route("POST", "/volumes/create", "volume.create", 201),
+    _route("POST", "/volumes/prune", "volume.prune"),
+    _route("GET", "/volumes/{name}", "volume.inspect"),
+    _route("DELETE", "/volumes/{name}", "volume.delete", 204),
     _route("GET", "/images/json", "image.list"),
     _route("POST", "/images/create", "image.create", stream_body=True),
     _route("GET", "/images/{name*}/json", "image.inspect"),
+    _route("GET", "/images/{name*}/history", "image.history"),
+    _route("POST", "/images/{name*}/push", "image.push"),
+    _route("GET", "/images/get", "image.save"),
+    _route("GET", "/images/{name*}/get", "image.save"),
+    _route("POST", "/images/load", "image.load", stream_body=True),
+    _route("POST", "/images/prune", "image.prune"),
+    _route("POST", "/auth", "system.auth"),
     _route("POST", "/images/{name*}/tag", "image.tag", 201),
     _route("DELETE", "/images/{name*}", "image.delete"),
+    _route("GET", "/networks", "network.list"),
+    _route("POST", "/networks/create", "network.create", 201),
+    _route("POST", "/networks/prune", "network.prune"),
+    _route("GET", "/networks/{id}", "network.inspect"),
+    _route("DELETE", "/networks/{id}", "network.delete", 204),
+    _route("POST", "/networks/{id}/connect", "network.connect"),
+    _route("POST", "/networks/{id}/disconnect", "network.disconnect"),
 ]
 
 _VERSION_PREFIX = re.compile(r"^/v(\d+)\.(\d+)(/.*)$")
@@ -162,6 +195,10 @@ class HttpChannel(Channel):
         self.status = route_status
         self.hijacked = False
 
+    def add_header(self, name: str, value: str) -> None:
+        """An extra response header (before ``start`` or the job's result)."""
+        self.conn.extra_headers.append((name, value))
+
     async def start(self, status: int = 200, content_type: str = "application/json") -> None:
         if self.started:
             return
@@ -194,6 +231,7 @@ class _Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         self.request: h11.Request | None = None
         self.closed = False
+        self.extra_headers: list[tuple[str, str]] = []  # see HttpChannel.add_header
 
     async def _next_event(self) -> Any:
         while True:
@@ -230,7 +268,8 @@ class _Connection:
             await self.writer.drain()
 
     async def send_head(self, status: int, content_type: str | None, length: int | None) -> None:
-        headers = common_headers()
+        headers = common_headers() + self.extra_headers
+        self.extra_headers = []
         if content_type:
             headers.append(("Content-Type", content_type))
         if length is not None:
