@@ -299,3 +299,99 @@ def test_bad_seccomp_profile_via_cli(daemon: Daemon, tmp_path: Path) -> None:
     bad.write_text('{"syscalls": []}')
     r = daemon.cli("run", "--rm", "--security-opt", f"seccomp={bad}", "busybox", check=False)
     assert r.returncode == 125 and "Decoding seccomp profile failed" in r.stderr
+
+
+# --- the pieces on their own: profile selection, compiler, capability sets ------------
+
+
+def test_default_profile_selection_by_arch_and_caps() -> None:
+    from pallet.seccomp import default_profile, parse_profile, to_oci
+    from pallet.spec import DEFAULT_CAPABILITIES
+
+    prof = parse_profile(default_profile(), "default")
+
+    def names(oci: dict) -> set[str]:
+        return {n for r in oci["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" for n in r["names"]}
+
+    amd64 = to_oci(prof, DEFAULT_CAPABILITIES, arch="amd64", kernel=(6, 1))
+    assert amd64["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+    assert {"arch_prctl", "modify_ldt", "ptrace"} <= names(amd64)
+    assert not {"mount", "unshare", "keyctl", "add_key", "reboot"} & names(amd64)
+    clone = [r for r in amd64["syscalls"] if r["names"] == ["clone"]]
+    assert clone[0]["args"] == [
+        {"index": 0, "value": 0x7E020000, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}
+    ]
+    clone3 = [r for r in amd64["syscalls"] if r["names"] == ["clone3"]]
+    assert clone3[0]["action"] == "SCMP_ACT_ERRNO" and clone3[0]["errnoRet"] == 38
+
+    arm64 = to_oci(prof, DEFAULT_CAPABILITIES, arch="arm64", kernel=(6, 1))
+    assert arm64["architectures"] == ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
+    assert "arch_prctl" not in names(arm64) and "set_tls" in names(arm64)
+    # old kernels: no ptrace without CAP_SYS_PTRACE
+    assert "ptrace" not in names(to_oci(prof, DEFAULT_CAPABILITIES, arch="amd64", kernel=(4, 4)))
+
+    admin = to_oci(prof, [*DEFAULT_CAPABILITIES, "CAP_SYS_ADMIN"], arch="amd64", kernel=(6, 1))
+    assert {"mount", "unshare", "setns", "clone3"} <= names(admin)
+    assert not [r for r in admin["syscalls"] if r["names"] == ["clone"] and r.get("args")]
+
+
+def test_compiler_multi_arch_and_load_in_child() -> None:
+    import os
+
+    from pallet.plugins.exec_native import seccomp
+
+    config = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": [
+            "SCMP_ARCH_X86_64",
+            "SCMP_ARCH_X86",
+            "SCMP_ARCH_AARCH64",
+            "SCMP_ARCH_ARM",
+        ],
+        "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
+            {"names": ["no_such_syscall_at_all"], "action": "SCMP_ACT_ERRNO"},
+        ],
+    }
+    prog = seccomp.compile_filter(config)
+    assert len(prog) % 8 == 0 and len(prog) > 8
+    # AUDIT_ARCH_AARCH64 (0xC00000B7) is checked in the program, as is x86_64's (0xC000003E)
+    assert (0xC00000B7).to_bytes(4, "little") in prog
+    assert (0xC000003E).to_bytes(4, "little") in prog
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").prctl(38, 1, 0, 0, 0)  # no_new_privs
+            seccomp.load(prog)
+            try:
+                os.mkdir("/tmp/pallet-seccomp-never")
+            except PermissionError as e:
+                code = 0 if e.errno == 13 else 2
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    try:
+        seccomp.compile_filter({"defaultAction": "SCMP_ACT_NOPE"})
+        raise AssertionError("a bad action compiled")
+    except seccomp.SeccompError as e:
+        assert "SCMP_ACT_NOPE" in str(e)
+
+
+def test_capability_arithmetic() -> None:
+    from pallet.plugins.exec_native import capabilities as caps
+    from pallet.spec import DEFAULT_CAPABILITIES, container_capabilities, normalize_capabilities
+
+    assert caps.mask(caps.numbers(DEFAULT_CAPABILITIES)) == 0xA80425FB
+    assert normalize_capabilities(["net_admin", "CAP_KILL", "all"]) == [
+        "CAP_NET_ADMIN",
+        "CAP_KILL",
+        "ALL",
+    ]
+    assert "CAP_SYS_ADMIN" in container_capabilities(["ALL"], ["CAP_CHOWN"], False)
+    assert "CAP_CHOWN" not in container_capabilities(["ALL"], ["CAP_CHOWN"], False)
+    assert container_capabilities(["KILL"], ["ALL"], False) == ["CAP_KILL"]
+    sets = caps.CapSets.from_spec({"bounding": ["CAP_KILL"], "effective": [], "permitted": []})
+    assert sets is not None and sets.bounding == {5}

@@ -176,6 +176,39 @@ def compile_filter(config: dict[str, Any]) -> bytes:
         lib.seccomp_release(ctx)
 
 
+def compile_cached(config: dict[str, Any], cache_dir: str | None) -> bytes:
+    """:func:`compile_filter`, through a cache of programs keyed by the profile's hash
+    (compiling Docker's default takes ~8 ms; every container of a daemon uses it).
+    ``cache_dir`` lives under the daemon's exec root (root only, cleared at boot)."""
+    if not cache_dir:
+        return compile_filter(config)
+    import hashlib
+    import json
+
+    canon = json.dumps([_CACHE_FORMAT, os.uname().machine, config], sort_keys=True)
+    path = os.path.join(cache_dir, hashlib.sha256(canon.encode()).hexdigest() + ".bpf")
+    try:
+        with open(path, "rb") as f:
+            program = f.read()
+        if program and len(program) % 8 == 0:
+            return program
+    except OSError:
+        pass
+    program = compile_filter(config)
+    try:
+        os.makedirs(cache_dir, 0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(program)
+        os.rename(tmp, path)
+    except OSError:
+        pass  # a cache only
+    return program
+
+
+_CACHE_FORMAT = "pallet-seccomp-1"
+
+
 def _add(lib: Any, ctx: Any, act: int, nr: int, name: str, args: list[dict[str, Any]]) -> None:
     def add(conds: list[dict[str, Any]]) -> None:
         arr = (_ArgCmp * max(1, len(conds)))()
