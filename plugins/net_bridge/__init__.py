@@ -63,6 +63,7 @@ class BridgeDriver(NetworkDriver):
     def __init__(self, state_dir: Path, settings: Any) -> None:
         super().__init__(state_dir, settings)
         self._firewall_error: str | None = None
+        self._programmed: str | None = None  # the table's text as last applied
         if settings.iptables:
             from pallet.plugins.net_bridge import firewall
 
@@ -228,9 +229,14 @@ class BridgeDriver(NetworkDriver):
             return
         from pallet.plugins.net_bridge import firewall
 
+        text = firewall.render(self.settings.table, networks, endpoints)
+        if text == self._programmed:
+            return  # most endpoints (no published port) change no rule: no nft run
         if self.settings.ip_forward and networks:
             _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+        self._programmed = None
         firewall.apply(self.settings.table, networks, endpoints)
+        self._programmed = text
 
     def shutdown(self, networks: list[NetworkInfo], keep: set[str]) -> None:
         for net in networks:
@@ -241,6 +247,7 @@ class BridgeDriver(NetworkDriver):
 
             with contextlib.suppress(Exception):
                 firewall.remove(self.settings.table)
+            self._programmed = None
 
     def rule_count(self) -> int:
         from pallet.plugins.net_bridge import firewall
