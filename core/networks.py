@@ -206,6 +206,25 @@ class EndpointRecord(BaseModel):
         )
 
 
+def summary_ports(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """``Ports`` of ``GET /containers/json`` from a container's inspect document."""
+    out: list[dict[str, Any]] = []
+    for key, bindings in ((doc.get("NetworkSettings") or {}).get("Ports") or {}).items():
+        port, _, proto = key.partition("/")
+        if not bindings:
+            out.append({"PrivatePort": int(port), "Type": proto})
+        for b in bindings or []:
+            out.append(
+                {
+                    "IP": b["HostIp"],
+                    "PrivatePort": int(port),
+                    "PublicPort": int(b["HostPort"]),
+                    "Type": proto,
+                }
+            )
+    return out
+
+
 def mac_for(address: str) -> str:
     """Docker's MAC for an IPv4 address: 02:42 followed by the address's four bytes."""
     return "02:42:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(address).packed)
@@ -1527,22 +1546,7 @@ class Networks:
         return (n.name for n in self.nets.values())
 
     def summary_ports(self, c: Container) -> list[dict[str, Any]]:
-        """``Ports`` of ``GET /containers/json``."""
-        out: list[dict[str, Any]] = []
-        for key, bindings in (c.doc["NetworkSettings"].get("Ports") or {}).items():
-            port, _, proto = key.partition("/")
-            if not bindings:
-                out.append({"PrivatePort": int(port), "Type": proto})
-            for b in bindings or []:
-                out.append(
-                    {
-                        "IP": b["HostIp"],
-                        "PrivatePort": int(port),
-                        "PublicPort": int(b["HostPort"]),
-                        "Type": proto,
-                    }
-                )
-        return out
+        return summary_ports(c.doc)
 
     def dumps_state(self) -> str:
         """For debugging: the records as JSON."""

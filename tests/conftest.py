@@ -150,6 +150,26 @@ class Daemon:
         r = self.cli("import", "--change", 'CMD ["sh"]', str(tar), tag)
         return r.stdout.strip()
 
+    def _remove_networking(self) -> None:
+        """Bridges and the nftables table of a daemon killed with live endpoints (a clean
+        stop with no running container removes them itself; tests/test_network.py checks)."""
+        import sqlite3
+
+        bridges = {self.bridge}
+        with contextlib.suppress(sqlite3.Error):
+            db = sqlite3.connect(self.data_root / "network" / "network.db")
+            try:
+                for (doc,) in db.execute("SELECT doc FROM networks"):
+                    bridges.add(json.loads(doc).get("bridge") or "")
+            finally:
+                db.close()
+        for b in sorted(bridges - {""}):
+            if os.path.exists(f"/sys/class/net/{b}"):
+                subprocess.run(["ip", "link", "del", b], capture_output=True, check=False)
+        subprocess.run(
+            ["nft", "delete", "table", "ip", f"pallet_{self.bridge}"], capture_output=True
+        )
+
     def cleanup(self) -> None:
         # Live-restore keeps containers running past the daemon: remove them first.
         if self.proc is not None and self.proc.poll() is None:
@@ -158,6 +178,7 @@ class Daemon:
                 for c in found or []:
                     self.api("DELETE", f"/containers/{c['Id']}?force=1")
         self.stop()
+        self._remove_networking()
         # Whatever the daemon left mounted is a leak: report it, then clean the machine.
         leftovers = mounts_under(self.data_root) + mounts_under(self.exec_root)
         for m in sorted(leftovers, key=len, reverse=True):

@@ -146,17 +146,19 @@ def net(tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path) -> Iterator
         n = Net(d, tag)
         yield n
     finally:
-        bridges = [b for b in Net(d, tag).bridges() if b] if d.proc else []
+        bridges: list[str] = []
+        if d.proc is not None and d.proc.poll() is None:
+            bridges = [b for b in Net(d, tag).bridges() if b]
+            _, found = d.api("GET", "/containers/json?all=1")
+            for c in found or []:
+                d.api("DELETE", f"/containers/{c['Id']}?force=1")
         table = "pallet_" + d.bridge
-        d.cleanup()
+        d.stop()
         # A stopped daemon with no live endpoint leaves no bridge and no table.
         left = [b for b in bridges if Path(f"/sys/class/net/{b}").exists()]
         r = subprocess.run(["nft", "list", "table", "ip", table], capture_output=True)
-        for b in left:
-            subprocess.run(["ip", "link", "del", b], check=False)
-        if r.returncode == 0:
-            subprocess.run(["nft", "delete", "table", "ip", table], check=False)
-        assert not left, f"bridges left behind: {left}"
+        d.cleanup()
+        assert bridges and not left, f"bridges left behind: {left}"
         assert r.returncode != 0, f"nftables table {table} left behind"
 
 
@@ -204,6 +206,7 @@ def test_default_bridge_serves_and_publishes(counted: Net) -> None:
     assert fetch(f"http://127.0.0.1:{port}/").strip() == "hi"
     assert n.d.cli("port", "web").stdout == f"80/tcp -> 0.0.0.0:{port}\n"
     assert n.d.cli("port", "web", "80").stdout == f"0.0.0.0:{port}\n"
+    assert f"0.0.0.0:{port}->80/tcp" in n.d.cli("ps").stdout
     mtu = n.run("--rm", "busybox", "cat", "/sys/class/net/eth0/mtu").stdout.strip()
     assert mtu == "1500"
     # An ephemeral host port (-p 80) and -P with --expose.
@@ -455,4 +458,18 @@ def test_restart_keeps_addresses_and_crash_cleans(counted: Net) -> None:
     assert (veths, leases) == (counts[0] - 1, counts[2] - 1) and rules < counts[1]
     # The port is free again for someone else.
     with socket.socket() as s:
+        s.bind(("0.0.0.0", port))
+
+
+def test_iptables_false_programs_nothing(make_daemon: Any, busybox_tar: Path) -> None:
+    d = make_daemon(extra=["--no-iptables", "--bip", f"{_subnet()}.1/24"])
+    d.import_busybox(busybox_tar)
+    port = free_port()
+    d.cli("run", "-d", "--name", "plain", "-p", f"{port}:80", "busybox", "sleep", "600")
+    ns = d.api("GET", "/containers/plain/json")[1]["NetworkSettings"]
+    assert ns["IPAddress"] and ns["Ports"]["80/tcp"][0]["HostPort"] == str(port)
+    r = subprocess.run(["nft", "list", "table", "ip", f"pallet_{d.bridge}"], capture_output=True)
+    assert r.returncode != 0  # no table at all: no NAT, no DNAT, no isolation
+    # The host port is still held, so nothing else takes it.
+    with socket.socket() as s, pytest.raises(OSError):
         s.bind(("0.0.0.0", port))

@@ -12,6 +12,8 @@ from pallet import logs, streams
 from pallet.errors import InvalidArgument
 from pallet.hookspecs import hookimpl
 from pallet.logs import rfc3339_to_unix
+from pallet.networks import summary_ports
+from pallet.units import human_duration
 
 if TYPE_CHECKING:
     from pallet.containers import Container, Containers
@@ -52,39 +54,15 @@ def filters(job: Job) -> dict[str, list[str]]:
     }
 
 
-def human_duration(seconds: float) -> str:
-    """Docker's ``units.HumanDuration``."""
-    s = int(seconds)
-    if s < 1:
-        return "Less than a second"
-    if s == 1:
-        return "1 second"
-    if s < 60:
-        return f"{s} seconds"
-    m = s // 60
-    if m == 1:
-        return "About a minute"
-    if m < 60:
-        return f"{m} minutes"
-    h = round(s / 3600)
-    if h == 1:
-        return "About an hour"
-    if h < 48:
-        return f"{h} hours"
-    if h < 24 * 7 * 2:
-        return f"{h // 24} days"
-    if h < 24 * 30 * 2:
-        return f"{h // 24 // 7} weeks"
-    if h < 24 * 365 * 2:
-        return f"{h // 24 // 30} months"
-    return f"{h // 24 // 365} years"
-
-
 def status_text(c: Container) -> str:
     st = c.state
     now = time.time()
+    if st.get("Restarting"):
+        ago = human_duration(now - rfc3339_to_unix(st["FinishedAt"]))
+        return f"Restarting ({st['ExitCode']}) {ago} ago"
     if st["Running"]:
-        return f"Up {human_duration(now - rfc3339_to_unix(st['StartedAt']))}"
+        up = f"Up {human_duration(now - rfc3339_to_unix(st['StartedAt']))}"
+        return up + " (Paused)" if st.get("Paused") else up
     if st["FinishedAt"] and not st["FinishedAt"].startswith("0001"):
         ago = human_duration(now - rfc3339_to_unix(st["FinishedAt"]))
         return f"Exited ({st['ExitCode']}) {ago} ago"
@@ -100,7 +78,7 @@ def summary(c: Container, image_name: str) -> dict[str, Any]:
         "ImageID": c.doc["Image"],
         "Command": " ".join(args),
         "Created": int(rfc3339_to_unix(c.doc["Created"])),
-        "Ports": [],
+        "Ports": summary_ports(c.doc),  # published and exposed ports (pallet.networks)
         "Labels": c.config.get("Labels") or {},
         "State": c.state["Status"],
         "Status": status_text(c),
@@ -212,7 +190,9 @@ class ContainerJobs:
 
     async def delete(self, job: Job) -> None:
         c = self.containers.get(job.arg())
-        await self.containers.remove(c, force=boolean(job.getenv("force")))
+        await self.containers.remove(
+            c, force=boolean(job.getenv("force")), volumes=boolean(job.getenv("v"))
+        )
 
     async def wait(self, job: Job) -> dict[str, Any]:
         c = self.containers.get(job.arg())
@@ -237,6 +217,9 @@ class ContainerJobs:
     async def attach(self, job: Job) -> None:
         c = self.containers.get(job.arg())
         want_stdin = boolean(job.getenv("stdin")) and bool(c.config.get("OpenStdin"))
+        from pallet.exec import parse_detach_keys
+
+        detach_keys = parse_detach_keys(job.getenv("detachKeys"))
         want = set()
         if boolean(job.getenv("stdout")):
             want.add(streams.STDOUT)
@@ -266,7 +249,9 @@ class ContainerJobs:
                 return
             stdin_task = None
             if want_stdin:
-                stdin_task = asyncio.get_running_loop().create_task(self._pump_stdin(c, reader))
+                stdin_task = asyncio.get_running_loop().create_task(
+                    self._pump_stdin(c, reader, queue, detach_keys)
+                )
             try:
                 if c.state["Status"] == "exited" and not c.running and queue.empty():
                     return
@@ -281,8 +266,18 @@ class ContainerJobs:
                 if "writer" in locals():
                     writer.close()
 
-    async def _pump_stdin(self, c: Container, reader: Any) -> None:
-        """Client -> container stdin; waits for the container to be started."""
+    async def _pump_stdin(
+        self,
+        c: Container,
+        reader: Any,
+        queue: asyncio.Queue[tuple[int, bytes] | None],
+        detach_keys: bytes = b"",
+    ) -> None:
+        """Client -> container stdin; waits for the container to be started. The
+        detach keys (Docker's escape sequence) end the attach, not the container."""
+        from pallet.exec import DetachScanner
+
+        scanner = DetachScanner(detach_keys)
         async with c.changed:
             await c.changed.wait_for(lambda: c.shim is not None or c.removed or c.exits > 0)
         while True:
@@ -294,7 +289,12 @@ class ContainerJobs:
                 if c.config.get("StdinOnce"):
                     await shim.close_stdin()
                 return
-            await shim.write_stdin(data)
+            data, detached = scanner.feed(data)
+            if data:
+                await shim.write_stdin(data)
+            if detached:
+                queue.put_nowait(None)
+                return
 
     async def logs(self, job: Job) -> None:
         c = self.containers.get(job.arg())
