@@ -211,6 +211,8 @@ class Daemon:
         from pallet.containers import Containers
         from pallet.graph import Graph
         from pallet.jobs.containers import ContainerJobs
+        from pallet.jobs.distribution import DistributionJobs
+        from pallet.jobs.exec import ExecJobs
         from pallet.jobs.images import ImageJobs
         from pallet.jobs.system import SystemJobs
 
@@ -227,6 +229,17 @@ class Daemon:
         )
         self.graph.cleanup()
         self.containers = Containers(self)
+        from pallet.jobs.volumes import VolumeJobs
+        from pallet.volumes import Volumes
+
+        self.volumes = Volumes(self.config.data_root, self.containers)
+        self.volumes.cleanup()
+        self.plugins.register(VolumeJobs(self), "core.volumes")
+        from pallet.jobs.lifecycle import LifecycleJobs
+        from pallet.lifecycle import Lifecycle
+
+        self.lifecycle = Lifecycle(self.containers)
+        self.plugins.register(LifecycleJobs(self.containers, self.lifecycle), "core.lifecycle")
         from pallet.networks import Networks
 
         self.networks = Networks(self)
@@ -234,10 +247,12 @@ class Daemon:
         # The core's jobs register through the same hook as a plugin's.
         self.plugins.register(SystemJobs(self), "core.system")
         self.plugins.register(ContainerJobs(self.containers), "core.containers")
+        self.plugins.register(ExecJobs(self.containers), "core.exec")
         self.plugins.register(ImageJobs(self), "core.images")
         from pallet.jobs.storage import StorageJobs
 
         self.plugins.register(StorageJobs(self), "core.storage")
+        self.plugins.register(DistributionJobs(self), "core.distribution")
         from pallet.jobs.networks import NetworkJobs
 
         self.plugins.register(NetworkJobs(self.networks), "core.networks")
@@ -251,6 +266,7 @@ class Daemon:
         # The shim zygote imports the backends now, so the first `run` is as fast as the rest.
         ShimClient.warm_up(list(self.exec_backends.values()))
         await self.containers.restore()
+        await self.lifecycle.at_daemon_start()  # restart policies of containers found down
         await self.networks.restore()
         server = Server(self.engine)
         gid = None
@@ -273,6 +289,7 @@ class Daemon:
             await stop.wait()
         finally:
             await server.close()
+            self.lifecycle.shutdown()  # the daemon's own stops are not stops by hand
             await self.containers.shutdown(self.config.live_restore)
             await self.networks.shutdown()
             for host in self.config.hosts:

@@ -9,26 +9,24 @@ through the container's execution backend (:meth:`pallet.shim.ShimClient.exec`),
 the container's own security settings (capabilities, rlimits, no_new_privs...) and
 the exec's command, environment, user and working directory. Instances live in the
 daemon's memory as long as their container, as in Docker.
+
+This module is imported by the CLI too (detach keys): no pydantic at the top.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import logging
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pallet.errors import Conflict, InvalidArgument, NotFound
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 if TYPE_CHECKING:
     from pallet.containers import Container, Containers
+    from pallet.jobs.exec import ExecCreate, ExecStart
     from pallet.shim import ShimClient
-
-log = logging.getLogger("pallet.exec")
 
 DEFAULT_DETACH_KEYS = "ctrl-p,ctrl-q"
 
@@ -97,53 +95,6 @@ def terminal_size(h: str | None, w: str | None) -> tuple[int, int]:
 # --- the exec instances ---------------------------------------------------------------
 
 
-class ExecCreate(BaseModel):
-    """``POST /containers/{id}/exec`` body."""
-
-    model_config = ConfigDict(extra="allow")
-    AttachStdin: bool = False
-    AttachStdout: bool = False
-    AttachStderr: bool = False
-    ConsoleSize: list[int] | None = None
-    DetachKeys: str = ""
-    Tty: bool = False
-    Env: list[str] | None = None
-    Cmd: list[str] | None = None
-    Privileged: bool = False
-    User: str = ""
-    WorkingDir: str = ""
-
-    @field_validator("Cmd", mode="before")
-    @classmethod
-    def _cmd(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-
-class ExecStart(BaseModel):
-    """``POST /exec/{id}/start`` body."""
-
-    model_config = ConfigDict(extra="allow")
-    Detach: bool = False
-    Tty: bool = False
-    ConsoleSize: list[int] | None = None
-
-
-def parse_model(model: type[BaseModel], body: Any, what: str) -> Any:
-    if body is None or body == b"" or body == "":
-        body = {}
-    if isinstance(body, bytes | str):
-        try:
-            body = json.loads(body)
-        except ValueError as e:
-            raise InvalidArgument(f"invalid {what}: {e}") from None
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise InvalidArgument(f"invalid {what}: {key}: {first['msg']}") from None
-
-
 class ExecInstance:
     def __init__(self, container: Container, config: ExecCreate) -> None:
         self.id = secrets.token_hex(32)
@@ -155,6 +106,8 @@ class ExecInstance:
         self.exit_code: int | None = None
         self.pid = 0
         self.shim: ShimClient | None = None
+        import asyncio
+
         self.changed = asyncio.Condition()
 
     def inspect(self) -> dict[str, Any]:
@@ -212,9 +165,8 @@ class Execs:
         if c.state.get("Restarting"):
             raise Conflict(f"Container {c.id} is restarting, wait until the container is running")
 
-    def create(self, c: Container, body: Any) -> ExecInstance:
+    def create(self, c: Container, cfg: ExecCreate) -> ExecInstance:
         self._prune()
-        cfg: ExecCreate = parse_model(ExecCreate, body, "exec config")
         if not cfg.Cmd:
             raise InvalidArgument("No exec command specified")
         self.check_running(c)
@@ -293,7 +245,13 @@ class Execs:
         c = e.container
         self.check_running(c)
         e.started = True
-        process = self.process(e, start.ConsoleSize or e.config.ConsoleSize)
+        try:
+            process = self.process(e, start.ConsoleSize or e.config.ConsoleSize)
+        except InvalidArgument as err:  # a bad user or working directory: Docker's 126
+            e.exit_code = 126
+            self._update_ids(c)
+            await e.notify()
+            raise ExecError(err.message, 126) from None
         bundle = self.containers.bundle_dir(c.id)
         try:
             shim = await ShimClient.exec(bundle, e.id, process, e.config.AttachStdin, on_output)
@@ -303,7 +261,9 @@ class Execs:
             await e.notify()
             if err.exit_code == 409:
                 raise Conflict(err.message) from None
-            raise
+            raise ExecError(
+                f"OCI runtime exec failed: {err.message}: unknown", e.exit_code
+            ) from None
         except (OSError, ConnectionError):
             e.exit_code = 126
             self._update_ids(c)

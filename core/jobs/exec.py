@@ -4,17 +4,66 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import TYPE_CHECKING, Any
 
 from pallet import streams
-from pallet.errors import Conflict
-from pallet.exec import DetachScanner, Execs, ExecStart, parse_model, terminal_size
+from pallet.errors import Conflict, InvalidArgument
+from pallet.exec import DetachScanner, Execs, terminal_size
 from pallet.hookspecs import hookimpl
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 if TYPE_CHECKING:
     from pallet.containers import Containers
     from pallet.engine import Engine, Job
     from pallet.exec import ExecInstance
+
+
+class ExecCreate(BaseModel):
+    """``POST /containers/{id}/exec`` body."""
+
+    model_config = ConfigDict(extra="allow")
+    AttachStdin: bool = False
+    AttachStdout: bool = False
+    AttachStderr: bool = False
+    ConsoleSize: list[int] | None = None
+    DetachKeys: str = ""
+    Tty: bool = False
+    Env: list[str] | None = None
+    Cmd: list[str] | None = None
+    Privileged: bool = False
+    User: str = ""
+    WorkingDir: str = ""
+
+    @field_validator("Cmd", mode="before")
+    @classmethod
+    def _cmd(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class ExecStart(BaseModel):
+    """``POST /exec/{id}/start`` body."""
+
+    model_config = ConfigDict(extra="allow")
+    Detach: bool = False
+    Tty: bool = False
+    ConsoleSize: list[int] | None = None
+
+
+def parse_model(model: type[BaseModel], body: Any, what: str) -> Any:
+    if body is None or body == b"" or body == "":
+        body = {}
+    if isinstance(body, bytes | str):
+        try:
+            body = json.loads(body)
+        except ValueError as e:
+            raise InvalidArgument(f"invalid {what}: {e}") from None
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise InvalidArgument(f"invalid {what}: {key}: {first['msg']}") from None
 
 
 class ExecJobs:
@@ -32,7 +81,7 @@ class ExecJobs:
 
     async def create(self, job: Job) -> dict[str, Any]:
         c = self.containers.get(job.arg())
-        e = self.execs.create(c, job.body)
+        e = self.execs.create(c, parse_model(ExecCreate, job.body, "exec config"))
         return {"Id": e.id}
 
     async def inspect(self, job: Job) -> dict[str, Any]:
@@ -68,9 +117,10 @@ class ExecJobs:
             try:
                 await self.execs.start(e, opts, lambda stream, data: None)
             except ExecError as err:
-                raise Conflict(f"OCI runtime exec failed: {err.message}: unknown") from None
+                raise Conflict(err.message) from None
             return b""
-        tty = e.config.Tty
+        # Framing follows the start request's Tty (as moby), the pty the create's.
+        tty = opts.Tty
         want = set()
         if e.config.AttachStdout:
             want.add(streams.STDOUT)
@@ -94,7 +144,7 @@ class ExecJobs:
             try:
                 await self.execs.start(e, opts, on_output)
             except ExecError as err:
-                msg = f"OCI runtime exec failed: {err.message}: unknown\r\n".encode()
+                msg = f"{err.message}\r\n".encode()
                 writer.write(msg if tty else streams.frame(streams.STDOUT, msg))
                 await writer.drain()
                 return None

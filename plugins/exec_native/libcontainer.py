@@ -30,6 +30,7 @@ import signal
 import socket
 import stat
 import struct
+import termios
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -38,6 +39,7 @@ from pallet import linux
 from pallet.cgroups import Cgroup, hierarchies
 from pallet.errors import PluginSkip
 from pallet.execution import ExecBackend, ExecError, Stdio
+from pallet.plugins.exec_native import capabilities, seccomp
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -280,6 +282,11 @@ class NativeBackend(ExecBackend):
         path = _cgroups_path(Path(bundle), spec)
         Cgroup(path).destroy()
 
+    def exec(
+        self, bundle: Path, spec: dict[str, Any], pid: int, process: dict[str, Any], stdio: Stdio
+    ) -> int:
+        return _exec(Path(bundle), spec, pid, process, stdio)
+
     def oom_killed(self, bundle: Path, spec: dict[str, Any]) -> bool:
         try:
             return Cgroup(_cgroups_path(Path(bundle), spec)).oom_killed()
@@ -322,11 +329,17 @@ class _Plan:
     new: int  # flags of namespaces to create
     cgroups_path: str
     cgroup_dirs: dict[str, str] = field(default_factory=dict)
+    caps: capabilities.CapSets | None = None  # see _harden
+    seccomp_bpf: bytes | None = None
+    terminal: bool = False  # process.terminal: a pty, see _setup_terminal
 
     @classmethod
     def from_spec(cls, bundle: Path, spec: dict[str, Any]) -> _Plan:
         try:
-            return cls._from_spec(bundle, spec)
+            plan = cls._from_spec(bundle, spec)
+            _harden(plan, spec)
+            plan.terminal = bool((spec.get("process") or {}).get("terminal"))
+            return plan
         except ExecError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -339,8 +352,6 @@ class _Plan:
         args = [str(a) for a in proc.get("args") or []]
         if not args:
             raise ExecError("no command specified (process.args is empty)", 125)
-        if proc.get("terminal"):
-            raise ExecError("the native runtime does not support a terminal yet", 125)
         root = spec.get("root") or {}
         rootfs = str(root.get("path") or "rootfs")
         if not rootfs.startswith("/"):
@@ -428,6 +439,42 @@ def _cap_last_cap() -> int:
             return int(f.read())
     except (OSError, ValueError):
         return len(CAPABILITIES) - 1
+
+
+# --- hardening: capability sets and seccomp (see capabilities.py, seccomp.py) ----------
+
+
+def _harden(plan: _Plan, spec: dict[str, Any]) -> None:
+    """Capability sets and the compiled seccomp filter, prepared before forking."""
+    try:
+        plan.caps = capabilities.CapSets.from_spec((spec.get("process") or {}).get("capabilities"))
+    except ValueError as e:
+        raise ExecError(f"capabilities: {e}", 125) from None
+    config = (spec.get("linux") or {}).get("seccomp")
+    if config is not None:
+        try:
+            cache = os.path.join(os.path.dirname(os.path.dirname(plan.bundle)), "seccomp")
+            plan.seccomp_bpf = seccomp.compile_cached(config, cache)
+        except seccomp.SeccompError as e:
+            raise ExecError(f"seccomp: {e}", 125) from None
+
+
+def _user_and_capabilities(plan: _Plan) -> None:  # pragma: no cover - container init
+    """Bounding set, then the user switch keeping the permitted set, then the other
+    capability sets (runc's finalizeNamespace)."""
+    sets = plan.caps
+    if sets is None:
+        os.setgroups(plan.groups)
+        os.setgid(plan.gid)
+        os.setuid(plan.uid)
+        return
+    capabilities.drop_bounding(sets)
+    capabilities.keep_caps(True)
+    os.setgroups(plan.groups)
+    os.setgid(plan.gid)
+    os.setuid(plan.uid)
+    capabilities.keep_caps(False)
+    capabilities.apply_sets(sets)
 
 
 # --- pipes between monitor and init -----------------------------------------------------
@@ -771,17 +818,15 @@ class _Init:
                 resource.setrlimit(kind, (min(soft, cur_hard), cur_hard))
         self.step = f"create working directory {plan.cwd}"
         os.makedirs(plan.cwd, 0o755, exist_ok=True)
-        self.step = "drop capabilities from the bounding set"
-        for cap in plan.cap_drop:
-            try:
-                linux.prctl(linux.PR_CAPBSET_DROP, cap)
-            except OSError as e:
-                if e.errno != errno.EINVAL:  # EINVAL: the kernel does not know it
-                    raise
-        self.step = "set user"
-        os.setgroups(plan.groups)
-        os.setgid(plan.gid)
-        os.setuid(plan.uid)
+        if plan.seccomp_bpf is not None:
+            # Before the capabilities go: without no_new_privs, loading a filter needs
+            # CAP_SYS_ADMIN (runc). With it, no_new_privs is set first (harmless early).
+            self.step = "load the seccomp filter"
+            if plan.no_new_privs:
+                linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+            seccomp.load(plan.seccomp_bpf)
+        self.step = "set capabilities and user"
+        _user_and_capabilities(plan)
         if plan.umask is not None:
             os.umask(plan.umask)
         self.step = f"chdir to cwd ({plan.cwd})"
@@ -806,6 +851,7 @@ def _init(plan: _Plan, stdio: Stdio, status_w: int, sync_r: int) -> NoReturn:  #
         init.prepare_root()
         init.do_mounts()
         init.pivot()
+        _setup_terminal(init)
         init.sysctls()
         init.names()
         init.loopback_up()
@@ -940,3 +986,172 @@ def _remount_bind(path: str, flags: int, rec: bool = False) -> None:
     keep = os.statvfs(path).f_flag & _ST_KEEP
     extra = linux.MS_REC if rec else 0
     linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | keep | flags | extra)
+
+
+# --- terminals and exec (the interactive side) ------------------------------------------
+
+_NS_FILES = {
+    "pid": "pid",
+    "network": "net",
+    "mount": "mnt",
+    "ipc": "ipc",
+    "uts": "uts",
+    "cgroup": "cgroup",
+    "user": "user",
+}
+# setns order: the mount namespace last (runc's nsexec order)
+_NS_ORDER = ["user", "ipc", "uts", "network", "pid", "cgroup", "mount"]
+
+
+def _setup_terminal(init: _Init) -> None:  # pragma: no cover - runs in the child
+    """``process.terminal``: a pty from the container's own devpts (``/dev/ptmx`` after
+    pivot_root, or after joining the mount namespace), its master sent to the monitor
+    on the console socket with SCM_RIGHTS (runc's protocol), the slave made the
+    process's stdio and controlling terminal. Runs as root, before the user switch."""
+    console = init.stdio.console
+    if not init.plan.terminal or console is None:
+        return
+    init.step = "set up the terminal (openpty in the container's /dev/pts)"
+    master, slave = os.openpty()
+    init.step = "hand the terminal to the monitor"
+    os.fchown(slave, init.plan.uid, -1)
+    sock = socket.socket(fileno=console)
+    try:
+        socket.send_fds(sock, [b"console"], [master])
+    finally:
+        sock.detach()
+        os.close(console)
+        os.close(master)
+    init.step = "make the terminal the controlling terminal"
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    for target in (0, 1, 2):
+        os.dup2(slave, target)
+    if slave > 2:
+        os.close(slave)
+
+
+def _exec(
+    bundle: Path, spec: dict[str, Any], pid: int, process: dict[str, Any], stdio: Stdio
+) -> int:
+    """One more process in the running container whose init is ``pid``: the monitor
+    forks an intermediate that joins the container's cgroup and namespaces and forks
+    the process (so it is in the pid namespace); the intermediate exits and the process
+    is reparented to the monitor (a subreaper). The process sets itself up with the
+    same steps as the init (rlimits, capability bounding set, user, cwd, path lookup,
+    no_new_privs) and execs; its status pipe closes on exec (EOF = started)."""
+    plan = _Plan.from_spec(bundle, {**spec, "process": process})
+    ns_fds: list[tuple[int, int]] = []
+    try:
+        wanted = {
+            str(ns.get("type")): ns for ns in (spec.get("linux") or {}).get("namespaces") or []
+        }
+        for kind in _NS_ORDER:
+            if kind not in wanted or kind == "user":
+                continue
+            path = wanted[kind].get("path") or f"/proc/{pid}/ns/{_NS_FILES[kind]}"
+            if kind == "cgroup" and not os.path.exists("/proc/self/ns/cgroup"):
+                continue
+            try:
+                ns_fds.append((NAMESPACES[kind], os.open(str(path), os.O_RDONLY | os.O_CLOEXEC)))
+            except FileNotFoundError:
+                raise ExecError(f"container init {pid} is not running", 125) from None
+            except OSError as e:
+                raise ExecError(f"open namespace {path}: {e.strerror}", 125) from None
+        cgroup = Cgroup(plan.cgroups_path)
+        status_r, status_w = os.pipe()
+        try:
+            mid = os.fork()
+        except OSError as e:
+            os.close(status_r)
+            os.close(status_w)
+            raise ExecError(f"fork: {e.strerror}", 125) from None
+        if mid == 0:  # pragma: no cover - child
+            try:
+                os.close(status_r)
+                _exec_intermediate(plan, cgroup, ns_fds, stdio, status_w)
+            finally:
+                os._exit(125)
+    finally:
+        for _, fd in ns_fds:
+            os.close(fd)
+    os.close(status_w)
+    created = _Created(0, str(bundle), -1, status_r)
+    proc_pid = 0
+    error: dict[str, Any] | None = None
+    try:
+        while True:
+            msg = _read_msg(created)
+            if msg is None:  # exec'd (close-on-exec), or died
+                if not proc_pid:
+                    error = {"error": "exec: the process exited during setup", "code": 125}
+                break
+            if "pid" in msg:
+                proc_pid = int(msg["pid"])
+            elif "error" in msg:
+                error = msg
+                break
+    except (OSError, ValueError) as e:
+        error = {"error": f"exec: reading the process's status: {e}", "code": 125}
+    finally:
+        _waitpid(mid)
+        os.close(status_r)
+    if error is not None:
+        if proc_pid:
+            try:
+                os.kill(proc_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _waitpid(proc_pid)
+        raise ExecError(str(error.get("error")), int(error.get("code", 125)))
+    return proc_pid
+
+
+def _exec_intermediate(
+    plan: _Plan, cgroup: Cgroup, ns_fds: list[tuple[int, int]], stdio: Stdio, status_w: int
+) -> NoReturn:  # pragma: no cover - child
+    step = "join the container's cgroup"
+    try:
+        _reset_signals()
+        cgroup.add(os.getpid())
+        for flag, fd in ns_fds:
+            step = f"join namespace {flag:#x}"
+            linux.setns(fd, flag)
+            os.close(fd)
+        step = "fork the process"
+        pid = os.fork()
+        if pid == 0:
+            _exec_process(plan, stdio, status_w)
+        _send(status_w, {"pid": pid})
+        os._exit(0)
+    except BaseException as e:
+        try:
+            _send(status_w, {"error": f"exec: {step}: {_reason(e)}", "code": 125})
+        finally:
+            os._exit(125)
+
+
+def _exec_process(plan: _Plan, stdio: Stdio, status_w: int) -> NoReturn:  # pragma: no cover
+    init = _Init(plan, stdio)
+    init.rootfs = "/"  # joining the mount namespace made the container's root ours
+    code = 125
+    try:
+        os.setsid()
+        init.setup_stdio()
+        _setup_terminal(init)
+        init.process_attrs()
+        path, env = init.resolve()
+        if plan.no_new_privs:
+            init.step = "set no_new_privs"
+            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        init.step = "exec"
+        try:
+            os.execve(path, plan.args, env)
+        except OSError as e:
+            code = 127 if e.errno == errno.ENOENT else 126 if e.errno in _EXEC_126 else 125
+            raise _StepError(f'exec: "{plan.args[0]}": {e.strerror}', code) from None
+    except _StepError as e:
+        code = e.code
+        _try_send(status_w, {"error": e.message, "code": e.code})
+    except BaseException as e:
+        _try_send(status_w, {"error": f"{init.step}: {_reason(e)}", "code": 125})
+    os._exit(code)
