@@ -1349,7 +1349,10 @@ class Networks:
             lines.append(f"nameserver {DNS_ADDRESS}")
             options = ["ndots:0", *options]
         else:
-            lines += [f"nameserver {s}" for s in (dns or servers)]
+            # Written into the container: only plain addresses reachable from inside
+            # (an "ip:port" upstream or a loopback one is for the embedded DNS only).
+            usable = [x for x in dns if x.count(":") != 1 and not x.startswith("127.")]
+            lines += [f"nameserver {x}" for x in (usable or servers)]
         keep = [ln for ln in other_lines if not (search and ln.split()[:1] == ["search"])]
         keep = [ln for ln in keep if not (options and ln.split()[:1] == ["options"])]
         lines += keep

@@ -16,7 +16,9 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -132,14 +134,51 @@ class Net:
         return r.stdout.strip()
 
 
+class Upstream:
+    """A DNS server on 127.0.0.1 standing in for the host's resolvers (the daemon's
+    ``--dns``): ``upstream.example`` is 192.0.2.7 (never contacted), all else NXDOMAIN."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.asked: list[str] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            labels, i = [], 12
+            while data[i]:
+                labels.append(data[i + 1 : i + 1 + data[i]].decode())
+                i += 1 + data[i]
+            name, qtype, end = ".".join(labels).lower(), data[i + 2], i + 5
+            self.asked.append(name)
+            found = name == "upstream.example" and qtype == 1
+            flags = 0x8180 | (0 if name == "upstream.example" else 3)
+            reply = data[:2] + struct.pack("!HHHHH", flags, 1, int(found), 0, 0) + data[12:end]
+            if found:
+                reply += struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + bytes([192, 0, 2, 7])
+            self.sock.sendto(reply, addr)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path) -> Iterator[Net]:
     tag = uuid.uuid4().hex[:6]
+    upstream = Upstream()  # name lookups never leave the machine
     d = Daemon(
         tmp_path_factory.mktemp("palletd-net"),
         None,
-        ["--bip", f"{_subnet()}.1/24"],
+        ["--bip", f"{_subnet()}.1/24", "--dns", f"127.0.0.1:{upstream.port}"],
     )
+    d.upstream = upstream  # type: ignore[attr-defined]
     d.start()
     try:
         d.import_busybox(busybox_tar)
@@ -158,6 +197,7 @@ def net(tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path) -> Iterator
         left = [b for b in bridges if Path(f"/sys/class/net/{b}").exists()]
         r = subprocess.run(["nft", "list", "table", "ip", table], capture_output=True)
         d.cleanup()
+        upstream.close()
         assert bridges and not left, f"bridges left behind: {left}"
         assert r.returncode != 0, f"nftables table {table} left behind"
 
@@ -279,9 +319,14 @@ def test_user_networks_resolve_names_and_are_isolated(counted: Net) -> None:
     assert "nameserver 127.0.0.11" in r.stdout
     assert srv_ip in r.stdout
     assert r.stdout.count("from-a") == 2, r.stdout + r.stderr
-    # Unknown names are not invented.
+    # Other names go to the upstream resolvers (here the test's, on 127.0.0.1); unknown
+    # names are not invented.
+    r = n.run("--rm", "--network", a, "busybox", "nslookup", "upstream.example", check=False)
+    assert "192.0.2.7" in r.stdout, r.stdout + r.stderr
     r = n.run("--rm", "--network", a, "busybox", "nslookup", "no-such-name-here", check=False)
-    assert srv_ip not in r.stdout
+    assert srv_ip not in r.stdout and "NXDOMAIN" in r.stdout
+    assert "no-such-name-here" in n.d.upstream.asked  # type: ignore[attr-defined]
+    assert "srv" not in n.d.upstream.asked  # type: ignore[attr-defined]
     # Another network: the name does not resolve and the address is unreachable,
     # although the host forwards (ip_forward=1) and routes to both bridges.
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
@@ -440,6 +485,17 @@ def test_restart_keeps_addresses_and_crash_cleans(counted: Net) -> None:
     assert n.counts() == counts
     assert fetch(f"http://127.0.0.1:{port}/").strip() == "kept"
     # The peer's embedded DNS is served again by the new daemon.
+    seen = len(n.d.cli("logs", "peer").stdout.splitlines())
+    assert wait_log(n, "peer", "ok kept", after=seen)
+    # A killed daemon: the endpoints of the containers still running are re-adopted
+    # (same address, the host port held again, DNS served again).
+    n.d.stop(signal.SIGKILL)
+    n.d.start()
+    again = n.inspect("keep")["NetworkSettings"]["Networks"][name]
+    assert again["IPAddress"] == before["IPAddress"] and n.counts() == counts
+    assert fetch(f"http://127.0.0.1:{port}/").strip() == "kept"
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("0.0.0.0", port))
     seen = len(n.d.cli("logs", "peer").stdout.splitlines())
     assert wait_log(n, "peer", "ok kept", after=seen)
     # Killed daemon, and the container dies while it is away: cleaned at start.
