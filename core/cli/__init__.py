@@ -63,6 +63,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "commit": ("pallet.cli.storage:commit", "Create a new image from a container's changes."),
     "export": ("pallet.cli.storage:export", "Export a container's filesystem as a tar archive."),
+    # networks
+    "network": ("pallet.cli.networks:network", "Manage networks."),
+    "port": (
+        "pallet.cli.networks:port",
+        "List port mappings or a specific mapping for the container.",
+    ),
     # system
     "info": ("pallet.cli.system:info", "Display system-wide information."),
     "version": ("pallet.cli.system:version", "Show the pallet version information."),

@@ -67,7 +67,9 @@ def _container_options(f: F) -> F:
     ]
     for option in reversed(options):
         f = option(f)
-    return f
+    from pallet.cli.networks import network_options  # -p, -P, --dns, --add-host...
+
+    return network_options(f)
 
 
 def _parse_env_file(path: str) -> list[str]:
@@ -138,6 +140,10 @@ def build_create_body(
     """The body docker sends to ``POST /containers/create``."""
     attach = not detach
     host_config: dict[str, Any] = {"AutoRemove": auto_remove}
+    from pallet.cli.networks import network_config_from_flags
+
+    net_host_config, net_config = network_config_from_flags(_, network)
+    host_config.update(net_host_config)
     if runtime:
         host_config["Runtime"] = runtime
     if network:
@@ -161,6 +167,7 @@ def build_create_body(
         "Entrypoint": [entrypoint] if entrypoint is not None else None,
         "Labels": _labels(labels),
         "HostConfig": host_config,
+        **net_config,
     }
     return body
 
