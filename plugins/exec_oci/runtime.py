@@ -193,6 +193,7 @@ class OCIRuntime(ExecBackend):
                 message = f"{self.runtime} {op} was killed by signal {-proc.returncode}"
             else:
                 message = f"{self.runtime} {op} failed with exit status {proc.returncode}"
+        message = _docker_wording(message)
         raise ExecError(message, exit_code_for(message, command))
 
     # --- OCI operations ----------------------------------------------------------------
@@ -311,6 +312,17 @@ class CrunBackend(OCIRuntime):
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _docker_wording(message: str) -> str:
+    """crun says "executable file `x` not found in $PATH: No such file or directory";
+    clients (the docker CLI's exit status 127) look for runc's and Docker's wording."""
+    import re
+
+    m = re.search(r"executable file `(.*?)` not found in \$PATH", message)
+    if m:
+        return f'exec: "{m.group(1)}": executable file not found in $PATH'
+    return message
 
 
 def _log_error(path: Path) -> str:
