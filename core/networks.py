@@ -1257,6 +1257,12 @@ class Networks:
                     raise
                 if self._wants_dns(c.id) and c.id not in self.dns:
                     await self._start_dns(c.id, netns)
+                    # Now served by the embedded DNS: rewrite the bind-mounted file in
+                    # place (same inode, so the container sees it).
+                    with contextlib.suppress(OSError):
+                        with open(c.doc["ResolvConfPath"], "r+") as f:
+                            f.truncate(0)
+                            f.write(self.resolv_conf(c))
                 await self.program()
                 self._fill_settings(c, int(c.state["Pid"]))
             else:

@@ -343,12 +343,18 @@ def test_user_networks_resolve_names_and_are_isolated(counted: Net) -> None:
     doc = n.inspect("both")["NetworkSettings"]["Networks"]
     assert set(doc) == {a, b} and doc[a]["IPAddress"].startswith(a_sub + ".")
     assert wait_log(n, "both", "from-a")
+    # A container of the default bridge connected to a user network gets the resolver.
+    n.run("-d", "--name", "late", "busybox", "sleep", "600")
+    resolv = Path(n.inspect("late")["ResolvConfPath"])
+    assert "127.0.0.11" not in resolv.read_text()
+    n.d.cli("network", "connect", a, "late")
+    assert "nameserver 127.0.0.11" in resolv.read_text()
     n.d.cli("network", "disconnect", a, "both")
     assert set(n.inspect("both")["NetworkSettings"]["Networks"]) == {b}
     # A network with containers attached cannot go; then it can.
     r = n.d.cli("network", "rm", a, check=False)
     assert r.returncode == 1 and "has active endpoints" in r.stderr
-    n.rm("srv")
+    n.rm("srv", "late")
     assert n.d.cli("network", "rm", a).stdout.strip() == a
 
 
