@@ -180,7 +180,7 @@ STATS_HEADER = [
 ]
 
 
-@click.command(short_help="Display a live stream of container(s) resource usage statistics.")
+@click.command(short_help="Display a live stream of container resource usage statistics.")
 @click.option("-a", "--all", "all_", is_flag=True, help="Show all containers.")
 @click.option(
     "--no-stream", is_flag=True, help="Disable streaming stats and only pull the first result."
@@ -276,7 +276,7 @@ def _split_target(arg: str) -> tuple[str | None, str]:
     return name, path
 
 
-@click.command(short_help="Copy files/folders between a container and the local filesystem.")
+@click.command(short_help="Copy files/folders between a container and the host.")
 @click.option("-a", "--archive", is_flag=True, help="Archive mode (copy all uid/gid information).")
 @click.option("-L", "--follow-link", is_flag=True, help="Always follow symbol link in SRC_PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="Suppress progress output during copy.")
