@@ -48,6 +48,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Block until containers stop, then print their exit codes.",
     ),
     "inspect": ("pallet.cli.containers:inspect", "Return low-level information on objects."),
+    # lifecycle (pallet.cli.lifecycle)
+    "stats": (
+        "pallet.cli.lifecycle:stats",
+        "Display a live stream of container resource usage statistics.",
+    ),
+    "update": ("pallet.cli.lifecycle:update", "Update configuration of one or more containers."),
+    "pause": ("pallet.cli.lifecycle:pause", "Pause all processes within one or more containers."),
+    "unpause": (
+        "pallet.cli.lifecycle:unpause",
+        "Unpause all processes within one or more containers.",
+    ),
+    "top": ("pallet.cli.lifecycle:top", "Display the running processes of a container."),
+    "rename": ("pallet.cli.lifecycle:rename", "Rename a container."),
+    "cp": ("pallet.cli.lifecycle:cp", "Copy files/folders between a container and the host."),
+    "volume": ("pallet.cli.volumes:volume", "Manage volumes."),
     # images
     "images": ("pallet.cli.images:images", "List images."),
     "import": (

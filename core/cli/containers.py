@@ -68,8 +68,9 @@ def _container_options(f: F) -> F:
     for option in reversed(options):
         f = option(f)
     from pallet.cli.networks import network_options  # -p, -P, --dns, --add-host...
+    from pallet.cli.runflags import host_options  # hardening, resources, mounts, restart
 
-    return network_options(f)
+    return network_options(host_options(f))
 
 
 def _parse_env_file(path: str) -> list[str]:
@@ -138,12 +139,17 @@ def build_create_body(
     **_: Any,
 ) -> dict[str, Any]:
     """The body docker sends to ``POST /containers/create``."""
+    from pallet.cli.runflags import host_config_from_flags
+
     attach = not detach
     host_config: dict[str, Any] = {"AutoRemove": auto_remove}
+    more_host_config, more_config = host_config_from_flags(_)
+    host_config.update(more_host_config)
     from pallet.cli.networks import network_config_from_flags
 
     net_host_config, net_config = network_config_from_flags(_, network)
     host_config.update(net_host_config)
+    more_config.update(net_config)
     if runtime:
         host_config["Runtime"] = runtime
     if network:
@@ -167,7 +173,7 @@ def build_create_body(
         "Entrypoint": [entrypoint] if entrypoint is not None else None,
         "Labels": _labels(labels),
         "HostConfig": host_config,
-        **net_config,
+        **more_config,
     }
     return body
 
