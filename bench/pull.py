@@ -12,7 +12,7 @@ Builds a 5-layer image of files already on the machine (about 9,000 files, about
 removing the image (and with it every layer) between rounds. Reports the medians
 and the ratio pallet / docker (target: <= 0.4).
 
-    .venv/bin/python bench/pull.py [-n 3] [--storage-driver overlay] [--keep-image DIR]
+    .venv/bin/python bench/pull.py [-n 3] [--storage-driver overlay] [--compare-sequential]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ SOURCES = [
     "/usr/lib",
 ]
 TARGET_FILES = 9000
-TARGET_RAW = 330 * 1000 * 1000  # about 125 MB once gzipped (binaries compress ~2.6x)
+TARGET_RAW = 350 * 1000 * 1000  # about 125 MB once gzipped
 
 
 def free_port() -> int:
@@ -71,30 +71,30 @@ def wait_socket(path: str, proc: subprocess.Popen[bytes], what: str) -> None:
 
 
 def pick_files() -> list[Path]:
-    """Regular files from SOURCES, in path order, until ~9,000 files and ~330 MB."""
+    """Regular files from SOURCES: ~8,800 small ones (< 200 kB, in path order), then
+    large ones (1-8 MB) until ~350 MB in all."""
     files: list[Path] = []
     seen: set[str] = set()
     total = 0
-    big: list[tuple[int, Path]] = []
+    big: list[tuple[str, int]] = []
     for src in SOURCES:
         for dirpath, dirnames, filenames in os.walk(src):
             dirnames.sort()
             for f in sorted(filenames):
-                p = Path(dirpath) / f
-                if str(p) in seen or not p.is_file() or p.is_symlink():
+                p = os.path.join(dirpath, f)
+                if p in seen or os.path.islink(p) or not os.path.isfile(p):
                     continue
-                seen.add(str(p))
-                size = p.stat().st_size
-                if len(files) < TARGET_FILES - 200:
-                    files.append(p)
+                seen.add(p)
+                size = os.path.getsize(p)
+                if size < 200_000 and len(files) < TARGET_FILES - 200:
+                    files.append(Path(p))
                     total += size
-                elif size > 1_000_000:
-                    big.append((size, p))
-    big.sort(reverse=True)
-    for size, p in big:
+                elif 1_000_000 < size < 8_000_000:
+                    big.append((p, size))
+    for p, size in big:
         if total >= TARGET_RAW or len(files) >= TARGET_FILES:
             break
-        files.append(p)
+        files.append(Path(p))
         total += size
     return files
 
@@ -120,6 +120,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=3)
     ap.add_argument("--storage-driver", default="overlay")
+    ap.add_argument(
+        "--compare-sequential",
+        action="store_true",
+        help="also time a palletd that unpacks layers one after the other",
+    )
     args = ap.parse_args()
     for tool in ("docker-registry", "skopeo", "umoci", "dockerd", "docker"):
         if not shutil.which(tool):
@@ -127,6 +132,7 @@ def main() -> None:
     tag = uuid.uuid4().hex[:8]
     tmp = Path(tempfile.mkdtemp(prefix="bench-pull-", dir="/var/tmp"))
     procs: list[subprocess.Popen[bytes]] = []
+    run_dirs: list[str] = []
     try:
         # --- the image, in a registry on loopback
         layers = build_layers(tmp)
@@ -184,19 +190,30 @@ def main() -> None:
         gz = sum(layer["size"] for layer in man["layers"])
         print(f"registry: {ref}, {len(man['layers'])} layers, {gz / 1e6:.0f} MB gzip")
 
-        # --- pallet
-        psock = f"/run/bench-pull-pallet-{tag}.sock"
-        (tmp / "pallet.json").write_text("{}")
-        palletd = subprocess.Popen(
-            [str(BIN / "palletd"), "--data-root", str(tmp / "pallet"), "--exec-root", f"/run/bench-pull-pallet-{tag}",
-             "-H", f"unix://{psock}", "--storage-driver", args.storage_driver, "--cgroup-parent", f"/bench-pull-{tag}",
-             "--config-file", str(tmp / "pallet.json")],
-            stdout=subprocess.DEVNULL,
-            stderr=open(tmp / "palletd.log", "wb"),
-        )  # fmt: skip
-        procs.append(palletd)
-        wait_socket(psock, palletd, "palletd")
-        penv = {**os.environ, "PALLET_HOST": f"unix://{psock}"}
+        # --- pallet (and, with --compare-sequential, a second palletd that unpacks the
+        # layers one after the other: PALLET_PULL_SEQUENTIAL=1)
+        def start_palletd(name: str, extra_env: dict[str, str]) -> dict[str, str]:
+            psock = f"/run/bench-pull-{name}-{tag}.sock"
+            (tmp / f"{name}.json").write_text("{}")
+            palletd = subprocess.Popen(
+                [str(BIN / "palletd"), "--data-root", str(tmp / name), "--exec-root", f"/run/bench-pull-{name}-{tag}",
+                 "-H", f"unix://{psock}", "--storage-driver", args.storage_driver, "--cgroup-parent", f"/bench-pull-{name}-{tag}",
+                 "--config-file", str(tmp / f"{name}.json")],
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp / f"{name}.log", "wb"),
+                env={**os.environ, **extra_env},
+            )  # fmt: skip
+            procs.append(palletd)
+            run_dirs.append(f"/run/bench-pull-{name}-{tag}")
+            wait_socket(psock, palletd, "palletd")
+            return {**os.environ, "PALLET_HOST": f"unix://{psock}"}
+
+        penv = start_palletd("pallet", {})
+        senv = (
+            start_palletd("pallet-seq", {"PALLET_PULL_SEQUENTIAL": "1"})
+            if args.compare_sequential
+            else None
+        )
 
         # --- docker
         dsock = f"/run/bench-pull-dockerd-{tag}.sock"
@@ -227,24 +244,24 @@ def main() -> None:
             return dt
 
         pallet_t: list[float] = []
+        seq_t: list[float] = []
         docker_t: list[float] = []
+        pallet = str(BIN / "pallet")
         for i in range(args.n):
-            pallet_t.append(
-                timed(
-                    [str(BIN / "pallet"), "pull", "-q", ref],
-                    penv,
-                    [str(BIN / "pallet"), "rmi", ref],
-                )
-            )
+            pallet_t.append(timed([pallet, "pull", "-q", ref], penv, [pallet, "rmi", ref]))
             docker_t.append(timed(["docker", "pull", "-q", ref], denv, ["docker", "rmi", ref]))
-            print(
-                f"round {i + 1}: pallet {pallet_t[-1]:.2f} s, docker {docker_t[-1]:.2f} s",
-                flush=True,
-            )
+            line = f"round {i + 1}: pallet {pallet_t[-1]:.2f} s, docker {docker_t[-1]:.2f} s"
+            if senv is not None:
+                seq_t.append(timed([pallet, "pull", "-q", ref], senv, [pallet, "rmi", ref]))
+                line += f", pallet sequential unpack {seq_t[-1]:.2f} s"
+            print(line, flush=True)
         pm, dm = statistics.median(pallet_t), statistics.median(docker_t)
         print(f"pallet pull  median {pm:.2f} s  ({', '.join(f'{t:.2f}' for t in pallet_t)})")
         print(f"docker pull  median {dm:.2f} s  ({', '.join(f'{t:.2f}' for t in docker_t)})")
         print(f"ratio pallet / docker: {pm / dm:.2f}  (target <= 0.40)")
+        if seq_t:
+            sm = statistics.median(seq_t)
+            print(f"pallet pull, sequential unpack  median {sm:.2f} s, ratio {sm / dm:.2f}")
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -265,7 +282,7 @@ def main() -> None:
         ):
             subprocess.run(["umount", "-l", m], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in (f"/run/bench-pull-pallet-{tag}", f"/run/bench-pull-dockerd-{tag}"):
+        for d in [*run_dirs, f"/run/bench-pull-dockerd-{tag}"]:
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -650,6 +650,13 @@ class _Unpacker:
                 os.close(tfd)
         elif ti.ischr() or ti.isblk() or ti.isfifo():
             kind = stat.S_IFCHR if ti.ischr() else stat.S_IFBLK if ti.isblk() else stat.S_IFIFO
+            if kind == stat.S_IFCHR and ti.devmajor == 0 and ti.devminor == 0:
+                # overlayfs reads a 0/0 character device as a whiteout: a layer would
+                # hide files of the layers below without saying so (OCI: .wh.NAME)
+                raise InvalidArgument(
+                    f"invalid layer entry {ti.name!r}: a 0/0 character device is an overlay "
+                    "whiteout; layers must use .wh. entries"
+                )
             dev = os.makedev(ti.devmajor, ti.devminor) if kind != stat.S_IFIFO else 0
             os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
             os.chown(base, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)

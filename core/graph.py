@@ -559,6 +559,7 @@ def _no_users(image_id: str) -> list[tuple[str, bool]]:
 
 
 InUse = Callable[[str], list[tuple[str, bool]]]
+Applier = Callable[[StorageDriver, str], archive.ApplyResult]
 
 
 @dataclass
@@ -601,13 +602,16 @@ class Lease:
         parent: str | None = None,
         *,
         expected_diff_id: str | None = None,
+        apply: Applier | None = None,
     ) -> LayerInfo:
         """Apply a layer tar on top of layer ``parent``; reuse it if it exists already.
 
         With ``expected_diff_id`` (a pull knows it from the image config) an existing
         layer is found before reading ``stream``, which is then left unread.
+        ``apply(driver, key)`` replaces the default :func:`archive.apply_to_snapshot`
+        (a pull moves in a layer it unpacked ahead, in parallel, for overlay drivers).
         """
-        return self.graph._add_layer(self, stream, parent, expected_diff_id)
+        return self.graph._add_layer(self, stream, parent, expected_diff_id, apply)
 
     def create_image(
         self,
@@ -734,6 +738,7 @@ class Graph:
         stream: BinaryIO,
         parent: str | None,
         expected_diff_id: str | None,
+        apply: Applier | None = None,
     ) -> LayerInfo:
         if parent is not None and parent not in lease.chains and lease.use_layer(parent) is None:
             raise NotFound(f"layer {parent} not found")
@@ -748,7 +753,10 @@ class Graph:
         committed = False
         ev = _Events()
         try:
-            res = archive.apply_to_snapshot(self.driver, tmpkey, stream, self.tmp)
+            if apply is not None:
+                res = apply(self.driver, tmpkey)
+            else:
+                res = archive.apply_to_snapshot(self.driver, tmpkey, stream, self.tmp)
             if expected_diff_id is not None and res.diff_id != expected_diff_id:
                 raise InvalidArgument(
                     f"layer content does not match its diff ID: expected {expected_diff_id}, "

@@ -16,6 +16,7 @@ import signal
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -27,6 +28,7 @@ def _report(obj: dict[str, object], status: int) -> None:
 
 def main() -> None:
     target, whiteouts = sys.argv[1], sys.argv[2]
+    compressed = sys.argv[3:] == ["--compressed"]
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # die with the daemon
     if whiteouts not in ("delete", "overlay"):
@@ -40,17 +42,83 @@ def main() -> None:
     os.chdir("/")
     archive._host_proc = proc_fd
     stdin = sys.stdin.buffer
+    if not compressed:
+        size = _unpack(archive, stdin, whiteouts)
+        while stdin.read(1 << 20):  # the rest (end-of-archive padding): the caller hashes it
+            pass
+        _report({"size": size}, 0)
+    # --compressed: decompress and hash here too; report the diff ID
     try:
-        size = archive._unpack_in_process(stdin, Path("/"), whiteouts)
+        with archive.decompressed(stdin) as raw:
+            head = raw.read(1)
+            size = _unpack(archive, archive._Prefixed(head, raw), whiteouts) if head else 0
+            raw.drain()
+            diff_id = "sha256:" + raw.hash.hexdigest()
+    except PalletError as e:
+        _report({"error": e.message, "kind": "invalid"}, 1)
+    except OSError as e:
+        _report({"error": f"unpacking layer: {e}", "kind": "os", "errno": e.errno}, 1)
+    _report({"size": size, "diff_id": diff_id}, 0)
+
+
+def _unpack(archive: Any, stream: Any, whiteouts: str) -> int:
+    from pallet.errors import PalletError
+
+    try:
+        return int(archive._unpack_in_process(stream, Path("/"), whiteouts))
     except PalletError as e:
         _report({"error": e.message, "kind": "invalid"}, 1)
     except tarfile.TarError as e:
         _report({"error": f"invalid layer tar: {e}", "kind": "invalid"}, 1)
     except OSError as e:
         _report({"error": f"unpacking layer: {e}", "kind": "os", "errno": e.errno}, 1)
-    while stdin.read(1 << 20):  # the rest (end-of-archive padding): the caller hashes it all
-        pass
-    _report({"size": size}, 0)
+    raise AssertionError("unreachable")
+
+
+def unpack_compressed(reader: Any, target: Path, whiteouts: str) -> tuple[str, int]:
+    """Run the child on ``target`` with a compressed layer stream from ``reader`` (in
+    the caller's thread: it only copies bytes); returns (diff ID, size). The child
+    decompresses, hashes and unpacks, so a layer costs the daemon no CPU."""
+    import subprocess
+
+    from pallet.errors import InvalidArgument
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pallet.untar", str(target), whiteouts, "--compressed"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        close_fds=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        try:
+            while chunk := reader.read(1 << 20):
+                proc.stdin.write(chunk)
+        except BrokenPipeError:
+            pass
+        finally:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        out = proc.stdout.read()
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+    try:
+        report = json.loads(out or b"{}")
+    except ValueError:
+        report = {}
+    if rc == 0 and "diff_id" in report:
+        return str(report["diff_id"]), int(report["size"])
+    msg = report.get("error") or f"layer unpacker exited with status {rc}"
+    if report.get("kind") == "os":
+        raise OSError(report.get("errno") or 5, msg)
+    raise InvalidArgument(msg)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "tag": ("pallet.cli.images:tag", "Create a tag TARGET_IMAGE that refers to SOURCE_IMAGE."),
     "rmi": ("pallet.cli.images:rmi", "Remove one or more images."),
+    "pull": ("pallet.cli.distribution:pull", "Download an image from a registry."),
+    "push": ("pallet.cli.distribution:push", "Upload an image to a registry."),
+    "login": ("pallet.cli.distribution:login", "Log in to a registry."),
+    "logout": ("pallet.cli.distribution:logout", "Log out from a registry."),
+    "save": (
+        "pallet.cli.distribution:save",
+        "Save one or more images to a tar archive (streamed to STDOUT by default).",
+    ),
+    "load": ("pallet.cli.distribution:load", "Load an image from a tar archive or STDIN."),
+    "history": ("pallet.cli.distribution:history", "Show the history of an image."),
+    "image": ("pallet.cli.distribution:image", "Manage images."),
     # storage (graph operations on containers)
     "diff": (
         "pallet.cli.storage:diff",

@@ -20,6 +20,8 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,7 @@ class Content:
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.root / "content.db", SCHEMA)
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         self.store.close()
@@ -88,6 +91,10 @@ class Content:
     def keep(self, tmp: Path, digest: str, diff_id: str, media_type: str, size: int) -> None:
         """Move verified file ``tmp`` (whose sha256 is ``digest``) into the store as the
         blob of layer ``diff_id``."""
+        with self._lock:
+            self._keep(tmp, digest, diff_id, media_type, size)
+
+    def _keep(self, tmp: Path, digest: str, diff_id: str, media_type: str, size: int) -> None:
         dest = self.path(digest)
         if dest.exists():
             with contextlib.suppress(FileNotFoundError):
@@ -113,8 +120,6 @@ class Content:
         try:
             os.link(src, tmp)
         except OSError:
-            import shutil
-
             shutil.copyfile(src, tmp)
         self.keep(tmp, digest, diff_id, media_type, size)
         return LayerBlob(diff_id, digest, media_type, size)
@@ -148,17 +153,23 @@ class Content:
         and, at start, the spool files an interrupted pull left."""
         if startup:
             for e in list(self.tmp.iterdir()):
-                with contextlib.suppress(OSError):
-                    e.unlink()
-        diff_ids = {
-            r["diff_id"] for r in self.graph.store.query("SELECT DISTINCT diff_id FROM layers")
-        }
-        diff_ids |= {i.diff_id for i in list(self.graph._pending.values())}
-        recent = time.time() - 3600  # a pull may be between keeping a blob and its image
+                if e.is_dir() and not e.is_symlink():  # a layer unpacked ahead (never a mount)
+                    shutil.rmtree(e, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        e.unlink()
+        # a pull keeps a blob once its layer is in the graph (pending until its image is
+        # made): under the lock, what gc sees and what it removes agree
+        with self._lock:
+            rows = self.graph.store.query("SELECT DISTINCT diff_id FROM layers")
+            diff_ids = {r["diff_id"] for r in rows}
+            self._gc(diff_ids | {i.diff_id for i in list(self.graph._pending.values())})
+
+    def _gc(self, diff_ids: set[str]) -> None:
         keep: set[str] = set()
         with self.store.transaction() as db:
-            for r in db.execute("SELECT diff_id, digest, created FROM layer_blobs").fetchall():
-                if r["diff_id"] in diff_ids or (not startup and r["created"] > recent):
+            for r in db.execute("SELECT diff_id, digest FROM layer_blobs").fetchall():
+                if r["diff_id"] in diff_ids:
                     keep.add(r["digest"])
                 else:
                     db.execute(

@@ -24,6 +24,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -364,6 +366,7 @@ class Puller:
                 present += 1
             jobs: list[tuple[int, mf.Descriptor]] = []
             seen: set[str] = set()
+            queued: set[str] = set()
             for i, desc in enumerate(man.layers):
                 sid = short(desc.digest)
                 if i < present:
@@ -371,15 +374,173 @@ class Puller:
                         self.progress.status("Already exists", sid)
                     seen.add(desc.digest)
                     continue
-                if desc.digest not in seen:
-                    self.progress.status("Pulling fs layer", sid)
+                if desc.digest not in queued:
+                    if desc.digest not in seen:
+                        self.progress.status("Pulling fs layer", sid)
                     jobs.append((i, desc))
+                    queued.add(desc.digest)
                 seen.add(desc.digest)
             new = bool(jobs) or not self.graph.exists(image_id)
-            if jobs:
+            if jobs and self._parallel_ok():
+                self._fetch_and_apply_parallel(res, lease, jobs, diff_ids, present, chain)
+            elif jobs:
                 self._fetch_and_apply(res, lease, jobs, diff_ids, present, chain)
             action = "pull"
             return lease.create_image(res.config_raw, action=action), res, new
+
+    # --- parallel unpacking (overlay-style drivers) --------------------------------------
+
+    def _parallel_ok(self) -> bool:
+        """Layers can be unpacked ahead, in parallel, when the driver takes a diff as an
+        overlay upper directory (independent of the layers below) on the filesystem of
+        the content store (so a finished layer is moved in by rename)."""
+        if os.environ.get("PALLET_PULL_SEQUENTIAL") == "1":
+            return False
+        drv = self.graph.driver
+        key = f"tmp-probe-{os.urandom(8).hex()}"
+        try:
+            drv.prepare(key, None)
+        except PalletError:
+            return False
+        try:
+            target = drv.apply_target(key)
+            return (
+                target is not None
+                and target[1] == "overlay"
+                and os.stat(target[0]).st_dev == os.stat(self.content.tmp).st_dev
+            )
+        finally:
+            with contextlib.suppress(PalletError):
+                drv.remove(key)
+
+    def _fetch_and_apply_parallel(
+        self,
+        res: Resolved,
+        lease: Lease,
+        jobs: list[tuple[int, mf.Descriptor]],
+        diff_ids: list[str],
+        start: int,
+        parent: str | None,
+    ) -> None:
+        """Every layer downloads, decompresses, hashes and unpacks at once (each in its
+        own chrooted child, into its own scratch directory); then, in order, each
+        verified layer is moved into its snapshot and committed."""
+        from pallet.untar import unpack_compressed
+
+        man = res.manifest
+        spools: dict[str, Spool] = {}
+        scratch: dict[str, Path] = {}
+        unpacked: dict[str, Future[tuple[str, int]]] = {}
+        workers = min(len(jobs), (os.cpu_count() or 2) + 1)
+        downloads = ThreadPoolExecutor(MAX_CONCURRENT_DOWNLOADS, thread_name_prefix="pull")
+        unpackers = ThreadPoolExecutor(workers, thread_name_prefix="unpack")
+
+        def unpack(desc: mf.Descriptor, sp: Spool, target: Path) -> tuple[str, int]:
+            sid = short(desc.digest)
+
+            def on_read(pos: int) -> None:
+                self.progress.update("Extracting", sid, pos, desc.size)
+
+            reader = sp.reader(on_read)
+            try:
+                return unpack_compressed(reader, target, "overlay")
+            finally:
+                reader.close()
+
+        try:
+            for n, (_i, desc) in enumerate(jobs):
+                sp = Spool(self.content.tmp_path(), desc.digest, desc.size, self.cancel)
+                spools[desc.digest] = sp
+                target = self.content.tmp_path("unpack-")
+                target.mkdir(mode=0o755)
+                os.chmod(target, 0o755)
+                scratch[desc.digest] = target
+                if n >= MAX_CONCURRENT_DOWNLOADS:
+                    self.progress.status("Waiting", short(desc.digest))
+                downloads.submit(self._download, res.repo, desc, sp)
+                unpacked[desc.digest] = unpackers.submit(unpack, desc, sp, target)
+            used: set[str] = set()
+            for i in range(start, len(man.layers)):
+                desc = man.layers[i]
+                sid = short(desc.digest)
+                sp = spools[desc.digest]
+                cid = archive.chain_id(parent, diff_ids[i])
+                if lease.use_layer(cid) is not None:
+                    parent = cid
+                    continue
+                if desc.digest in used:  # the same blob again, elsewhere in the chain
+                    with open(self.content.path(desc.digest), "rb") as f:
+                        info = self._apply(lease, f, parent, diff_ids[i], desc, None)
+                    parent = info.chain_id
+                    continue
+                try:
+                    diff_id, size = unpacked[desc.digest].result()
+                except (PalletError, OSError) as e:
+                    with contextlib.suppress(Cancelled):
+                        sp.wait()  # a download error (verification) is the one to report
+                    if isinstance(e, OSError):
+                        raise PalletError(f"failed to register layer {desc.digest}: {e}") from None
+                    raise InvalidArgument(f"layer {desc.digest}: {e.message}") from None
+                sp.wait()  # downloaded completely and verified
+                src = scratch[desc.digest]
+
+                def move_in(
+                    drv: Any, key: str, src: Path = src, diff_id: str = diff_id, size: int = size
+                ) -> archive.ApplyResult:
+                    target = drv.apply_target(key)
+                    assert target is not None and target[1] == "overlay"
+                    _move_tree(src, target[0])
+                    return archive.ApplyResult(diff_id, size)
+
+                info = self._apply(lease, None, parent, diff_ids[i], desc, None, move_in)
+                used.add(desc.digest)
+                self.content.keep(sp.path, desc.digest, info.diff_id, desc.media_type, desc.size)
+                self.content.add_repo(desc.digest, f"{res.repo.endpoint.host}/{res.repo.path}")
+                self.progress.update("Extracting", sid, desc.size, desc.size, force=True)
+                self.progress.status("Pull complete", sid)
+                parent = info.chain_id
+        except BaseException:
+            self.cancel.set()
+            raise
+        finally:
+            downloads.shutdown(wait=True)
+            unpackers.shutdown(wait=True)
+            for sp in spools.values():
+                if not sp.done:
+                    sp.finish(Cancelled("pull cancelled"))
+                with contextlib.suppress(FileNotFoundError):
+                    sp.path.unlink()
+            for d in scratch.values():
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _apply(
+        self,
+        lease: Lease,
+        stream: Any,
+        parent: str | None,
+        diff_id: str,
+        desc: mf.Descriptor,
+        spool: Spool | None,
+        apply: Any = None,
+    ) -> Any:
+        """Apply one layer; errors name the blob (a download error comes first: a
+        corrupt blob fails as a verification failure, not as a broken tar)."""
+        try:
+            return lease.add_layer(stream, parent, expected_diff_id=diff_id, apply=apply)
+        except (PalletError, OSError) as e:
+            if spool is not None:
+                with contextlib.suppress(Cancelled):
+                    spool.wait()  # raises the download's own error, if it had one
+            if isinstance(e, OSError):
+                raise PalletError(f"failed to register layer {desc.digest}: {e}") from None
+            if "does not match its diff ID" in e.message:
+                raise InvalidArgument(
+                    f"layer {desc.digest}: its content does not match diff ID "
+                    f"{diff_id} of the image config"
+                ) from None
+            if isinstance(e, InvalidArgument):
+                raise InvalidArgument(f"layer {desc.digest}: {e.message}") from None
+            raise
 
     def _fetch_and_apply(
         self,
@@ -392,6 +553,7 @@ class Puller:
     ) -> None:
         man = res.manifest
         spools: dict[str, Spool] = {}
+        kept: set[str] = set()
         futures: list[Future[None]] = []
         pool = ThreadPoolExecutor(max_workers=MAX_CONCURRENT_DOWNLOADS, thread_name_prefix="pull")
         try:
@@ -413,24 +575,22 @@ class Puller:
                 def on_read(pos: int, sid: str = sid, size: int = desc.size) -> None:
                     self.progress.update("Extracting", sid, pos, size)
 
-                reader = sp.reader(on_read)
-                try:
-                    info = lease.add_layer(reader, parent, expected_diff_id=diff_ids[i])
-                except InvalidArgument as e:
-                    if sp.error is not None and isinstance(sp.error, PalletError):
-                        raise sp.error from None
-                    if "does not match its diff ID" in e.message:
-                        raise InvalidArgument(
-                            f"layer {desc.digest}: its content does not match diff ID "
-                            f"{diff_ids[i]} of the image config"
-                        ) from None
-                    raise InvalidArgument(f"layer {desc.digest}: {e.message}") from None
-                finally:
-                    reader.close()
-                sp.wait()  # the download is complete and verified
+                if desc.digest in kept:  # the same blob again, at another place in the chain
+                    with open(self.content.path(desc.digest), "rb") as f:
+                        info = self._apply(lease, f, parent, diff_ids[i], desc, None)
+                else:
+                    reader = sp.reader(on_read)
+                    try:
+                        info = self._apply(lease, reader, parent, diff_ids[i], desc, sp)
+                    finally:
+                        reader.close()
+                    sp.wait()  # the download is complete and verified
+                    self.content.keep(
+                        sp.path, desc.digest, info.diff_id, desc.media_type, desc.size
+                    )
+                    kept.add(desc.digest)
+                    self.content.add_repo(desc.digest, f"{res.repo.endpoint.host}/{res.repo.path}")
                 self.progress.update("Extracting", sid, desc.size, desc.size, force=True)
-                self.content.keep(sp.path, desc.digest, info.diff_id, desc.media_type, desc.size)
-                self.content.add_repo(desc.digest, f"{res.repo.endpoint.host}/{res.repo.path}")
                 self.progress.status("Pull complete", sid)
                 parent = info.chain_id
         except BaseException:
@@ -443,3 +603,17 @@ class Puller:
                     sp.finish(Cancelled("pull cancelled"))
                 with contextlib.suppress(FileNotFoundError):
                     sp.path.unlink()
+
+
+def _move_tree(src: Path, dest: Path) -> None:
+    """Move the entries of ``src`` into the empty directory ``dest`` (same filesystem)
+    and give ``dest`` the metadata of ``src`` (a layer's own ``./`` entry, an opaque
+    root)."""
+    for name in os.listdir(src):
+        os.rename(src / name, dest / name)
+    st = os.lstat(src)
+    os.chown(dest, st.st_uid, st.st_gid)
+    os.chmod(dest, stat.S_IMODE(st.st_mode))
+    for x in os.listxattr(src):
+        os.setxattr(dest, x, os.getxattr(src, x))
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))

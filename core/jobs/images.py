@@ -86,10 +86,14 @@ class ImageJobs:
 
     async def delete(self, job: Job) -> list[dict[str, Any]]:
         graph, containers = self.daemon.graph, self.daemon.containers
-        return await asyncio.to_thread(
+        records = await asyncio.to_thread(
             graph.delete,
             job.arg(),
             force=boolean(job.getenv("force")),
             noprune=boolean(job.getenv("noprune")),
             in_use=containers.users_of_image,
         )
+        dist = getattr(job.engine.handlers.get("image.pull"), "__self__", None)
+        if dist is not None:  # the blobs of layers now gone (pallet.jobs.distribution)
+            await asyncio.to_thread(dist.content.gc)
+        return records

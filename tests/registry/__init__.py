@@ -339,3 +339,131 @@ class SlowProxy:
     def close(self) -> None:
         self.closed = True
         self.sock.close()
+
+
+# --- raw pushes: crafted images in a real (plain HTTP, no auth) registry -----------------
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def _http(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> Any:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    return urllib.request.urlopen(req)
+
+
+def push_blob(reg: Registry, repo: str, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    base = f"http://{reg.host}"
+    with _http("POST", f"{base}/v2/{repo}/blobs/uploads/", b"") as r:
+        loc = r.headers["Location"]
+    if loc.startswith("/"):
+        loc = base + loc
+    sep = "&" if "?" in loc else "?"
+    with _http(
+        "PUT", f"{loc}{sep}digest={digest}", data, {"Content-Type": "application/octet-stream"}
+    ):
+        pass
+    return digest
+
+
+def push_manifest(reg: Registry, repo: str, ref: str, raw: bytes, media_type: str) -> str:
+    with _http(
+        "PUT", f"http://{reg.host}/v2/{repo}/manifests/{ref}", raw, {"Content-Type": media_type}
+    ):
+        pass
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def push_image(
+    reg: Registry,
+    repo: str,
+    tag: str,
+    layers: list[bytes],
+    *,
+    diff_ids: list[str] | None = None,
+    layer_media: str = OCI_LAYER_GZIP,
+    config: dict[str, Any] | None = None,
+) -> str:
+    """Push an image made of raw layer blobs (as given: compressed or not, valid or not);
+    diff IDs default to the sha256 of each gunzipped blob. Returns the manifest digest."""
+    import gzip as _gzip
+
+    if diff_ids is None:
+        diff_ids = []
+        for b in layers:
+            raw = _gzip.decompress(b) if b[:2] == b"\x1f\x8b" else b
+            diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+    cfg = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        **(config or {}),
+    }
+    cfg_raw = json.dumps(cfg).encode()
+    cfg_digest = push_blob(reg, repo, cfg_raw)
+    descs = []
+    for b in layers:
+        descs.append({"mediaType": layer_media, "digest": push_blob(reg, repo, b), "size": len(b)})
+    man = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": cfg_digest, "size": len(cfg_raw)},
+        "layers": descs,
+    }
+    return push_manifest(reg, repo, tag, json.dumps(man).encode(), OCI_MANIFEST)
+
+
+class FakeRegistry:
+    """A tiny HTTP registry answering from a table (path -> status, headers, body), for
+    answers a real registry refuses to store (malformed manifests, odd media types)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        table = self.routes
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _answer(self, body: bool) -> None:
+                path = urlsplit(self.path).path
+                status, headers, data = table.get(
+                    path,
+                    (
+                        404,
+                        {"Content-Type": "application/json"},
+                        b'{"errors":[{"code":"NOT_FOUND","message":"not found"}]}',
+                    ),
+                )
+                if path == "/v2/" and path not in table:
+                    status, headers, data = 200, {}, b"{}"
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._answer(True)
+
+            def do_HEAD(self) -> None:
+                self._answer(False)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
