@@ -1457,6 +1457,10 @@ class Graph:
             self.driver.cleanup()
             for e in list(self.tmp.iterdir()):
                 if e.is_dir() and not e.is_symlink():
+                    from pallet import mount
+
+                    with contextlib.suppress(OSError):
+                        mount.unmount_all(str(e))  # a scratch mount a crash left behind
                     with contextlib.suppress(OSError):
                         os.rmdir(e)  # a scratch mount point (never rmtree: may be mounted)
                     if e.exists():

@@ -19,7 +19,11 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 REPO = Path(__file__).resolve().parent.parent
 CONFORMANCE = sorted(n for n in dir(DriverConformance) if n.startswith("test_"))
-OWN = ["test_devmapper_devices_and_persisted_ids", "test_devmapper_full_pool_is_a_clear_error"]
+OWN = [
+    "test_devmapper_devices_and_persisted_ids",
+    "test_devmapper_full_pool_is_a_clear_error",
+    "test_devmapper_daemon_run_diff_commit_export",
+]
 
 SCRIPT = f"""
 cd {REPO}

@@ -32,7 +32,8 @@ class StorageJobs:
         engine.register("container.export", self.export)
 
     def _scratch(self) -> Path:
-        d = self.daemon.config.data_root / "tmp"
+        """The graph's scratch directory: what a crash leaves there is cleaned at start."""
+        d = self.daemon.graph.tmp
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -135,9 +136,8 @@ def commit_container(
         if v not in (None, "", [], {}):
             run_cfg[k] = v
     cfg = apply_changes(list(changes), docker_config(run_cfg))
-    scratch = daemon.config.data_root / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    fd, path = tempfile.mkstemp(dir=scratch, prefix="commit-")
+    graph.tmp.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=graph.tmp, prefix="commit-")
     try:
         with os.fdopen(fd, "wb") as out:
             graph.rootfs_diff(c.id, out)

@@ -154,6 +154,8 @@ class DevmapperDriver(StorageDriver):
 
     @staticmethod
     def _exists(name: str) -> bool:
+        if os.path.exists(f"/dev/mapper/{name}"):  # udev's node: no process to start
+            return True
         return subprocess.run(["dmsetup", "info", name], capture_output=True).returncode == 0
 
     def _open_pool(self) -> str:
@@ -245,7 +247,8 @@ class DevmapperDriver(StorageDriver):
         if not self._exists(name):
             table = f"0 {self.base_size // SECTOR} thin /dev/mapper/{self.pool} {dev_id}"
             _run("dmsetup", "create", name, "--table", table)
-            _run("dmsetup", "mknodes", name)
+            if not os.path.exists(self._dev_path(dev_id)):  # no udev: make the node
+                _run("dmsetup", "mknodes", name)
         return self._dev_path(dev_id)
 
     def _deactivate(self, dev_id: int, deferred: bool | None = None) -> None:

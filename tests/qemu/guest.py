@@ -63,7 +63,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 exchange /newroot/mnt 
   || { echo "GUEST: cannot mount the exchange share"; poweroff -f; }
 echo "GUEST: up $(cat /newroot/proc/uptime)"
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin chroot /newroot /bin/sh -c '
-  for m in loop dm_mod dm_thin_pool dm_snapshot ext4 xfs overlay; do modprobe $m; done
+  for m in loop dm_mod dm_thin_pool dm_snapshot ext4 xfs overlay bridge veth; do modprobe $m; done
   mkdir -p /run/udev; /lib/systemd/systemd-udevd --daemon >/dev/null 2>&1
   echo "$(cut -d" " -f1 /proc/uptime)" > /mnt/booted
   cd /mnt; /bin/sh /mnt/cmd.sh > /mnt/output 2>&1; echo $? > /mnt/status

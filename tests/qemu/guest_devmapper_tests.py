@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pallet import archive, mount
@@ -75,3 +76,26 @@ def test_devmapper_full_pool_is_a_clear_error(tmp_path: Path, snapshot_mounter: 
     finally:
         d.close()
     _ = (io, archive, mount)
+
+
+def test_devmapper_daemon_run_diff_commit_export(make_daemon: Any, busybox_tar: Path) -> None:
+    """A real palletd on devmapper: run, diff, commit, export (the host drivers' scenario)."""
+    from tests.daemon_storage_scenario import scenario
+
+    d = make_daemon(
+        storage_driver="devmapper",
+        extra=[
+            "--storage-opt",
+            "dm.loopdatasize=2GB",
+            "--storage-opt",
+            "dm.loopmetadatasize=64MB",
+            "--storage-opt",
+            "dm.basesize=256MB",
+        ],
+    )
+    d.import_busybox(busybox_tar)
+    scenario(d)
+    _, info = d.api("GET", "/info")
+    assert info["Driver"] == "devmapper"
+    status = dict(info["DriverStatus"])
+    assert status["Thin Pool Mode"] == "rw" and status["Backing Filesystem"] == "extfs"
