@@ -158,7 +158,7 @@ def _self_cgroups() -> dict[str, str]:
 
 
 def _write(path: str, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)  # O_TRUNC: as runc
     try:
         os.write(fd, value.encode())
     finally:

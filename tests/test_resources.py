@@ -315,3 +315,54 @@ def test_v2_freeze_stats_kill(v2_cgroup: Cgroup) -> None:
             proc.kill()
             proc.wait()
     assert os.path.isdir(v2_cgroup.dirs["unified"])
+
+
+def test_v2_resource_files(tmp_path: Path) -> None:
+    """The v2 writes (memory.max, memory.swap.max, cpu.max, cpu.weight, cpuset, pids.max,
+    io.weight) on a hierarchy laid out like cgroup2: this machine's real cgroup2 has no
+    memory/cpu/pids controllers to delegate, so the files are plain ones here."""
+    root = tmp_path / "cg2"
+    cg_dir = root / "pallet" / "c1"
+    cg_dir.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "cgroup.subtree_control").write_text("")
+    (root / "pallet" / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "pallet" / "cgroup.subtree_control").write_text("")
+    for name in (
+        "memory.max",
+        "memory.swap.max",
+        "memory.low",
+        "cpu.max",
+        "cpu.weight",
+        "cpuset.cpus",
+        "pids.max",
+        "io.weight",
+        "cgroup.freeze",
+    ):
+        (cg_dir / name).write_text("")
+    cg = Cgroup("/pallet/c1", Hierarchies({}, {}, str(root)))
+    cg.create(
+        {
+            "memory": {"limit": 64 * MiB, "swap": 96 * MiB, "reservation": 32 * MiB},
+            "cpu": {"quota": 50000, "period": 100000, "shares": 512, "cpus": "0"},
+            "pids": {"limit": 9},
+            "blockIO": {"weight": 500},
+        }
+    )
+
+    def read(name: str) -> str:
+        return (cg_dir / name).read_text().strip()
+
+    assert read("memory.max") == str(64 * MiB)
+    assert read("memory.swap.max") == str(32 * MiB)  # v2 counts swap alone
+    assert read("memory.low") == str(32 * MiB)
+    assert read("cpu.max") == "50000 100000"
+    assert read("cpu.weight") == "20"  # runc's shares -> weight conversion
+    assert read("cpuset.cpus") == "0" and read("pids.max") == "9"
+    assert read("io.weight") == "default 4950"  # runc: 1 + (w - 10) * 9999 // 990
+    assert set((root / "cgroup.subtree_control").read_text().split()) >= {"+cpu", "+memory"}
+    cg.apply({"memory": {"limit": 0, "swap": -1}, "pids": {"limit": -1}})
+    assert read("memory.max") == "max" and read("memory.swap.max") == "max"
+    assert read("pids.max") == "max"
+    cg.freeze(True)
+    assert read("cgroup.freeze") == "1"
