@@ -262,6 +262,7 @@ class Containers:
             await asyncio.to_thread(graph.prepare_rootfs, cid, image_id)
         except BaseException:
             self.names.pop(name, None)
+            self.daemon.volumes.release(mounts, True)  # anonymous volumes made above
             raise
         env = [*(image.get("Env") or [])]
         from pallet.spec import merge_env
@@ -341,6 +342,7 @@ class Containers:
             self.names.pop(name, None)
             shutil.rmtree(data_dir, ignore_errors=True)
             await asyncio.to_thread(graph.remove_rootfs, cid)
+            self.daemon.volumes.release(mounts, True)  # anonymous volumes made above
             raise
         self.by_id[cid] = c
         self.event("create", c)

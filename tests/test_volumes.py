@@ -282,3 +282,12 @@ def test_cp_stopped_container_and_put_api(daemon: Daemon) -> None:
         daemon.cli("rm", cid)
     assert not [m for m in open("/proc/self/mountinfo") if str(daemon.exec_root) + "/archive" in m]
     _ = os
+
+
+def test_failed_create_leaves_no_anonymous_volume(daemon: Daemon) -> None:
+    before = set(daemon.cli("volume", "ls", "-q").stdout.split())
+    r = daemon.cli(
+        "create", "-v", "/anon", "--network", "no-such-net-pallet", "busybox", "true", check=False
+    )
+    assert r.returncode != 0 and "no-such-net-pallet" in r.stderr
+    assert set(daemon.cli("volume", "ls", "-q").stdout.split()) == before
