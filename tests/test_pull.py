@@ -266,3 +266,89 @@ def test_killed_mid_pull_cleaned_at_start(
         assert len(list((Path(d.data_root) / "overlay").rglob("f2999"))) == 1
     finally:
         proxy.close()
+
+
+def test_progress_messages_are_docker_jsonmessages(
+    daemon: Any, registry: Registry, layout: Path
+) -> None:
+    """The stream the docker CLI draws its bars from: per-layer ids, progressDetail."""
+    ref = f"{registry.host}/interop/bb"
+    daemon.cli("rmi", f"{ref}:v1", check=False)
+    daemon.cli("rmi", f"{ref}:docker", check=False)
+    status, body = daemon.api("POST", f"/images/create?fromImage={ref}&tag=v1")
+    assert status == 200
+    msgs = body if isinstance(body, list) else _messages(body)
+    layer_ids = {m["id"] for m in msgs if m.get("status") == "Pulling fs layer"}
+    present = {m["id"] for m in msgs if m.get("status") == "Already exists"}
+    # the busybox layer may be here already (the imported busybox has the same diff ID)
+    assert len(layer_ids | present) == 2 and layer_ids and not layer_ids & present
+    assert all(len(i) == 12 for i in layer_ids | present)
+    downloading = [m for m in msgs if m.get("status") == "Downloading"]
+    assert downloading, msgs
+    for m in downloading:
+        assert m["id"] in layer_ids
+        assert 0 < m["progressDetail"]["current"] <= m["progressDetail"]["total"]
+        assert m["progress"].startswith("[")
+    for lid in layer_ids:
+        order = [m["status"] for m in msgs if m.get("id") == lid]
+        assert order[0] == "Pulling fs layer" and order[-1] == "Pull complete"
+        assert "Download complete" in order and "Verifying Checksum" in order
+    # the schema 2 copy shares both layers: nothing is fetched again
+    status, body = daemon.api("POST", f"/images/create?fromImage={ref}&tag=docker")
+    msgs = body if isinstance(body, list) else _messages(body)
+    statuses = [m.get("status") for m in msgs]
+    assert statuses.count("Already exists") == 2 and "Downloading" not in statuses
+
+
+def test_concurrent_pulls_share_layers(
+    make_daemon: Any, registry: Registry, tmp_path: Path
+) -> None:
+    lay = tmp_path / "lay"
+    umoci_image(lay, "cc", [_tar({"shared-marker": b"s" * 50_000}, tmp_path / "s.tar")])
+    ref = f"{registry.host}/concurrent/img:cc"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{lay}:cc", f"docker://{ref}")
+    d = make_daemon(storage_driver="overlay")
+    env = {**os.environ, "PALLET_HOST": d.host}
+    procs = [
+        subprocess.Popen(
+            ["pallet", "pull", "-q", ref], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    for p in procs:
+        _out, err = p.communicate()
+        assert p.returncode == 0, err
+    assert len(list((Path(d.data_root) / "overlay").rglob("shared-marker"))) == 1
+    assert len(d.api("GET", "/images/json")[1]) == 1
+
+
+def test_registry_mirror_serves_docker_hub_names(
+    make_daemon: Any, registry: Registry, layout: Path
+) -> None:
+    """docker.io names go to the mirror first (nothing leaves the machine: the mirror
+    has the image)."""
+    skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        f"docker://{registry.host}/interop/bb:v1",
+        f"docker://{registry.host}/library/mirrored:v1",
+    )
+    d = make_daemon(storage_driver="vfs", start=False)
+    (Path(d.data_root).parent / "daemon.json").write_text(
+        json.dumps({"registry-mirrors": [f"http://{registry.host}"]})
+    )
+    d.start()
+    r = d.cli("pull", "mirrored:v1")
+    assert "Status: Downloaded newer image for mirrored:v1" in r.stdout
+    info = json.loads(d.cli("inspect", "mirrored:v1").stdout)[0]
+    assert info["RepoTags"] == ["mirrored:v1"]
+    assert info["RepoDigests"][0].startswith("mirrored@sha256:")
+
+
+def test_pull_all_tags(make_daemon: Any, registry: Registry, layout: Path) -> None:
+    d = make_daemon(storage_driver="vfs")
+    r = d.cli("pull", "-a", f"{registry.host}/interop/bb")
+    assert r.stdout.count("Digest: sha256:") == 2
+    tags = sorted(t for i in d.api("GET", "/images/json")[1] for t in i["RepoTags"])
+    assert tags == [f"{registry.host}/interop/bb:docker", f"{registry.host}/interop/bb:v1"]

@@ -385,8 +385,8 @@ class Puller:
                 self._fetch_and_apply_parallel(res, lease, jobs, diff_ids, present, chain)
             elif jobs:
                 self._fetch_and_apply(res, lease, jobs, diff_ids, present, chain)
-            action = "pull"
-            return lease.create_image(res.config_raw, action=action), res, new
+            tagged = ref if ref.tag is not None else None  # the "pull" event names it
+            return lease.create_image(res.config_raw, ref=tagged, action="pull"), res, new
 
     # --- parallel unpacking (overlay-style drivers) --------------------------------------
 

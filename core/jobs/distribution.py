@@ -161,9 +161,7 @@ class DistributionJobs:
             before = None
             with contextlib.suppress(NotFound, InvalidArgument):
                 before = graph.resolve(str(r))
-            image_id, res, new = puller.pull(r, platform)
-            if r.tag is not None:
-                graph.add_reference(r, image_id)
+            image_id, res, new = puller.pull(r, platform)  # tags it
             graph.add_reference(
                 reference.Reference(r.domain, r.path, None, res.manifest_digest), image_id
             )
