@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import tarfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -352,3 +353,68 @@ def test_pull_all_tags(make_daemon: Any, registry: Registry, layout: Path) -> No
     assert r.stdout.count("Digest: sha256:") == 2
     tags = sorted(t for i in d.api("GET", "/images/json")[1] for t in i["RepoTags"])
     assert tags == [f"{registry.host}/interop/bb:docker", f"{registry.host}/interop/bb:v1"]
+
+
+def test_push_committed_image(daemon: Any, make_daemon: Any, registry: Registry) -> None:
+    """A layer pallet has no blob for (a commit) is written from its snapshot and pushed;
+    the image pulled back runs with the change."""
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    daemon.cli(
+        "run",
+        "--name",
+        name,
+        "--network",
+        "none",
+        "busybox",
+        "sh",
+        "-c",
+        "echo committed > /c.txt; rm /bin/true",
+    )
+    ref = f"{registry.host}/pallet/committed:v1"
+    daemon.cli("commit", name, ref)
+    daemon.cli("rm", name)
+    r = daemon.cli("push", ref)
+    assert "v1: digest: sha256:" in r.stdout
+    fresh = make_daemon(storage_driver="overlay")
+    fresh.cli("pull", ref)
+    out = fresh.cli(
+        "run", "--rm", "--network", "none", ref, "sh", "-c", "cat /c.txt; ls /bin/true || echo gone"
+    )
+    assert out.stdout == "committed\ngone\n", out
+
+
+def test_cli_progress_bars_on_a_tty(make_daemon: Any, registry: Registry, layout: Path) -> None:
+    """On a terminal `pallet pull` redraws one line per layer (cursor movements, bars);
+    piped, it prints plain lines."""
+    import pty
+
+    d = make_daemon(storage_driver="vfs")
+    ref = f"{registry.host}/interop/bb:v1"
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        ["pallet", "pull", ref],
+        env={**os.environ, "PALLET_HOST": d.host},
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait()
+    os.close(master)
+    out = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, out
+    assert "\x1b[2K" in out and "\x1b[1A" in out  # redrawn lines
+    assert "Pull complete" in out and "Digest: sha256:" in out
+    d.cli("rmi", ref)
+    plain = d.cli("pull", ref).stdout
+    assert "\x1b[" not in plain
+    assert ": Pull complete" in plain
