@@ -134,7 +134,7 @@ class Lifecycle:
                 )
             if old_swap in (0, 2 * old_mem):
                 new["MemorySwap"] = 0  # keep Docker's default of twice the memory
-        if upd.RestartPolicy is not None:
+        if upd.RestartPolicy is not None and upd.RestartPolicy.Name:  # "": leave it
             check_restart_policy(upd.RestartPolicy, bool(hc.get("AutoRemove")))
             new["RestartPolicy"] = {
                 "Name": upd.RestartPolicy.Name or "no",

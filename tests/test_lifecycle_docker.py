@@ -107,7 +107,9 @@ def test_docker_cp_both_ways(docker: Any, tmp_path: Path) -> None:
 
 def test_docker_pause_update_top_rename(docker: Any, daemon: Daemon) -> None:
     name = "dk-" + os.urandom(3).hex()
-    cid = docker("run", "-d", "--name", name, "busybox", "sleep", "60").stdout.strip()
+    cid = docker(
+        "run", "-d", "--name", name, "--restart", "unless-stopped", "busybox", "sleep", "60"
+    ).stdout.strip()
     try:
         docker("pause", name)
         assert "(Paused)" in docker("ps", "--filter", f"id={cid}").stdout
@@ -115,6 +117,8 @@ def test_docker_pause_update_top_rename(docker: Any, daemon: Daemon) -> None:
         docker("update", "--memory", "48m", "--memory-swap", "96m", name)
         mem = Path("/sys/fs/cgroup/memory") / daemon.cgroup_parent.lstrip("/") / cid
         assert int((mem / "memory.limit_in_bytes").read_text()) == 48 * MiB
+        policy = docker("inspect", "-f", "{{.HostConfig.RestartPolicy.Name}}", cid).stdout
+        assert policy.strip() == "unless-stopped"  # an update without --restart keeps it
         top = docker("top", name).stdout
         assert "sleep 60" in top and top.split()[0] == "UID"
         docker("rename", name, name + "-new")
