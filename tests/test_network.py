@@ -244,6 +244,20 @@ def test_default_bridge_serves_and_publishes(counted: Net) -> None:
         time.sleep(0.2)
     assert r.stdout.strip() == "hi", r.stderr
     assert fetch(f"http://127.0.0.1:{port}/").strip() == "hi"
+    # Through the host's address on the bridge: another container, and web itself
+    # (hairpin), reach the published port.
+    gw = ns["Gateway"]
+    url = f"http://{gw}:{port}/"
+    r = n.run("--rm", "busybox", "sh", "-c", f"timeout 10 wget -qO- {url} && echo", check=False)
+    assert r.stdout.strip() == "hi", r.stderr
+    own = free_port()
+    script = (
+        f"({HTTPD.format(text='itself')}) & sleep 1; "
+        f"timeout 10 wget -qO- http://{gw}:{own}/; echo; echo hairpin-done; sleep 600"
+    )
+    n.run("-d", "--name", "hairpin", "-p", f"{own}:80", "busybox", "sh", "-c", script)
+    assert wait_log(n, "hairpin", "hairpin-done")
+    assert "itself" in n.d.cli("logs", "hairpin").stdout
     assert n.d.cli("port", "web").stdout == f"80/tcp -> 0.0.0.0:{port}\n"
     assert n.d.cli("port", "web", "80").stdout == f"0.0.0.0:{port}\n"
     assert f"0.0.0.0:{port}->80/tcp" in n.d.cli("ps").stdout

@@ -170,6 +170,9 @@ class BridgeDriver(NetworkDriver):
                 finally:
                     os.close(fd)
                 run_in_netns(netns, lambda: self._configure_inside(tmp, ep))
+                if self.settings.iptables:
+                    # Hairpin: the container reaching its own published port via the host.
+                    ip.brport("set", index=host_idx, mode=1)
                 ip.link("set", index=host_idx, state="up")
             except BaseException:
                 if host_idx is not None:
