@@ -291,3 +291,60 @@ def test_failed_create_leaves_no_anonymous_volume(daemon: Daemon) -> None:
     )
     assert r.returncode != 0 and "no-such-net-pallet" in r.stderr
     assert set(daemon.cli("volume", "ls", "-q").stdout.split()) == before
+
+
+def test_cp_into_symlink_stays_in_the_container(daemon: Daemon, tmp_path: Path) -> None:
+    """A symlink in the container naming a host path is resolved in the container's
+    root: docker cp never writes to the host through it."""
+    host_dir = Path("/") / uniq("pallet-escape")
+    host_dir.mkdir()
+    try:
+        cid = daemon.cli(
+            "run",
+            "-d",
+            "busybox",
+            "sh",
+            "-c",
+            f"ln -s {host_dir} /tmp/evil; mkdir -p /inside; ln -s /inside /tmp/good; sleep 60",
+        ).stdout.strip()
+        try:
+            (tmp_path / "payload").write_text("x\n")
+            import time
+
+            deadline = time.monotonic() + 30
+            while daemon.cli("exec", cid, "test", "-L", "/tmp/good", check=False).returncode:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            r = daemon.cli("cp", str(tmp_path / "payload"), f"{cid}:/tmp/evil/", check=False)
+            assert r.returncode != 0
+            assert list(host_dir.iterdir()) == []
+            # the daemon on its own (a client that does not follow links itself)
+            import http.client
+            import io
+            import socket
+            import tarfile
+
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tf:
+                tf.add(str(tmp_path / "payload"), arcname="payload")
+
+            class Conn(http.client.HTTPConnection):
+                def connect(conn) -> None:
+                    conn.sock = socket.socket(socket.AF_UNIX)
+                    conn.sock.connect(daemon.sock)
+
+            c = Conn("localhost", timeout=60)
+            c.request("PUT", f"/containers/{cid}/archive?path=/tmp/evil", body=buf.getvalue())
+            resp = c.getresponse()
+            assert resp.status == 404, resp.read()
+            c.close()
+            assert list(host_dir.iterdir()) == []
+            daemon.cli("cp", str(tmp_path / "payload"), f"{cid}:/tmp/good/")
+            assert daemon.cli("exec", cid, "cat", "/inside/payload").stdout == "x\n"
+            assert list(host_dir.iterdir()) == []
+        finally:
+            daemon.cli("rm", "-f", cid)
+    finally:
+        for p in host_dir.iterdir():
+            p.unlink()
+        host_dir.rmdir()

@@ -423,6 +423,20 @@ def _merge(src: str, dst: str) -> None:
             shutil.move(s, d)
 
 
+def _stat_path(client: Any, ctr: str, path: str) -> tuple[dict[str, Any], bool]:
+    """The container path's stat (``HEAD .../archive``), and whether it exists."""
+    from pallet.client import APIError
+
+    try:
+        with client.request("HEAD", f"/containers/{ctr}/archive", {"path": path}) as resp:
+            raw = resp.headers.get("x-docker-container-path-stat", "")
+    except APIError as exc:
+        if exc.status != 404:
+            raise
+        return {}, False
+    return (json.loads(base64.b64decode(raw)) if raw else {}), True
+
+
 def _copy_to(client: Any, src: str, ctr: str, path: str, archive: bool) -> int:
     import io
     import tarfile
@@ -434,17 +448,15 @@ def _copy_to(client: Any, src: str, ctr: str, path: str, archive: bool) -> int:
     if not os.path.lexists(src):
         _fail(f"pallet: lstat {os.path.abspath(src)}: no such file or directory", 1)
     # Where does it go: into an existing directory, or as a new name in its parent?
-    try:
-        with client.request("HEAD", f"/containers/{ctr}/archive", {"path": path}) as resp:
-            raw = resp.headers.get("x-docker-container-path-stat", "")
-        info = json.loads(base64.b64decode(raw)) if raw else {}
-        exists = True
-    except Exception as exc:
-        from pallet.client import APIError
-
-        if not (isinstance(exc, APIError) and exc.status == 404):
-            raise
-        info, exists = {}, False
+    info, exists = _stat_path(client, ctr, path)
+    for _ in range(16):  # a symlink: docker's CLI copies into what it points to
+        if not (exists and int(info.get("mode", 0)) & (1 << 27)):
+            break
+        target = str(info.get("linkTarget") or "")
+        if not target.startswith("/"):
+            target = os.path.join(os.path.dirname(path.rstrip("/")) or "/", target)
+        path = target + ("/" if path.endswith("/") else "")
+        info, exists = _stat_path(client, ctr, path)
     copy_contents = src.endswith("/.")
     base = os.path.basename(os.path.normpath(src))
     if exists and int(info.get("mode", 0)) & (1 << 31):

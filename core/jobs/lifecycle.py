@@ -189,6 +189,30 @@ class LifecycleJobs:
             finally:
                 os.close(root_fd)
 
+    @contextlib.contextmanager
+    def _open_dir(self, c: Container, path: str) -> Iterator[int]:
+        """An fd of directory ``path``, every symlink on the way (the last one too)
+        resolved inside the container's root or mount, never the host's."""
+        from pallet.archive import open_dir_in_root
+
+        with self._root(c) as root:
+            mount = self._mount_for(c, path)
+            base_dir, rel = (mount[0], mount[1]) if mount else (str(root), path.lstrip("/"))
+            root_fd = os.open(base_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                try:
+                    fd = open_dir_in_root(root_fd, rel)
+                except FileNotFoundError:
+                    raise not_found(c, path) from None
+                except NotADirectoryError:
+                    raise InvalidArgument("extraction point is not a directory") from None
+                try:
+                    yield fd
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(root_fd)
+
     def _stat(self, c: Container, path: str) -> dict[str, Any]:
         with self._open_parent(c, path) as (fd, name):
             try:
@@ -290,19 +314,9 @@ class LifecycleJobs:
                 return data
 
         def extract() -> None:
-            with self._open_parent(c, path) as (fd, name):
-                try:
-                    st = os.stat(name or ".", dir_fd=fd)
-                except (FileNotFoundError, NotADirectoryError):
-                    raise not_found(c, path) from None
-                if not stat.S_ISDIR(st.st_mode):
-                    raise InvalidArgument("extraction point is not a directory")
-                target_fd = os.open(name or ".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-                try:
-                    target = Path(f"/proc/{os.getpid()}/fd/{target_fd}")
-                    apply_layer(_In(), target, "delete")
-                finally:
-                    os.close(target_fd)
+            with self._open_dir(c, path) as target_fd:
+                target = Path(f"/proc/{os.getpid()}/fd/{target_fd}")
+                apply_layer(_In(), target, "delete")
 
         _ = no_overwrite  # the untar replaces entries like docker cp does without the flag
         try:
