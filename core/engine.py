@@ -35,6 +35,7 @@ class Channel:
         self.status: int = 200
         self.content_type = "application/json"
         self.chunks: list[bytes] = []
+        self.headers: list[tuple[str, str]] = []  # extra response headers (add_header)
 
     async def start(self, status: int = 200, content_type: str = "application/json") -> None:
         self.started = True
@@ -49,6 +50,10 @@ class Channel:
         self, content_type: str = "application/vnd.docker.raw-stream"
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         raise PalletError("this job's caller cannot hand over a raw connection")
+
+    def add_header(self, name: str, value: str) -> None:
+        """An extra header for the response (HTTP: sent with the status line)."""
+        self.headers.append((name, value))
 
     def getvalue(self) -> bytes:
         return b"".join(self.chunks)

@@ -294,7 +294,8 @@ class LifecycleJobs:
         if c.host_config.get("ReadonlyRootfs") and self._mount_for(c, path) is None:
             raise InvalidArgument("container rootfs is marked read-only")
         loop = asyncio.get_running_loop()
-        reader = job.stdin
+        assert job.stdin is not None  # a stream_body route
+        reader: Any = job.stdin
 
         class _In:
             """The request body as a blocking reader (for the untar in a thread)."""
