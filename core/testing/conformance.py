@@ -599,16 +599,24 @@ class DriverConformance:
             tar({"name": "big", "data": b"b" * 100_000}, {"name": "small", "data": b"s"}),
             tmp_path,
         )
+        mounts = d.prepare("ctr", base)
+        # a filesystem on a block device (devmapper) adds its metadata and journal blocks,
+        # and cannot count inodes without mounting
+        block = mounts[0].source.startswith("/dev/")
+        slack = 32 << 20 if block else 0
         u = d.usage(base)
-        assert 100_000 <= u.size < 1_000_000 and u.inodes >= 2
-        with snapshot_mounter(d.prepare("ctr", base)) as root:
+        assert 100_000 <= u.size < 1_000_000 + slack, u
+        if not block:
+            assert u.inodes >= 2
+        with snapshot_mounter(mounts) as root:
             (root / "new").write_bytes(os.urandom(50_000))
             os.link(root / "new", root / "new-link")
         u = d.usage("ctr")
         assert u.size >= 50_000, "the container's own data counts"
-        assert u.inodes >= 1
+        if not block:
+            assert u.inodes >= 1
         if d.name != "vfs":  # vfs copies the parent; the others share it
-            assert u.size < 100_000 + 50_000, "the parent's data is not counted again"
+            assert u.size < 100_000 + 50_000 + slack, "the parent's data is not counted again"
         with pytest.raises(NotFound):
             d.usage("nope")
 

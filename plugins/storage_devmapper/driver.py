@@ -18,6 +18,7 @@ to a full pool fail at once (``error_if_no_space``) and are reported as such.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import shutil
@@ -154,9 +155,12 @@ class DevmapperDriver(StorageDriver):
 
     @staticmethod
     def _exists(name: str) -> bool:
-        if os.path.exists(f"/dev/mapper/{name}"):  # udev's node: no process to start
-            return True
-        return subprocess.run(["dmsetup", "info", name], capture_output=True).returncode == 0
+        """Whether device ``name`` is active, from sysfs (no process to start)."""
+        for dm in glob.glob("/sys/block/dm-*/dm/name"):
+            with contextlib.suppress(OSError), open(dm) as f:
+                if f.read().strip() == name:
+                    return True
+        return False
 
     def _open_pool(self) -> str:
         if self.opts.thinpooldev:
@@ -436,7 +440,7 @@ class DevmapperDriver(StorageDriver):
 
     def usage(self, key: str) -> Usage:
         """Bytes of pool blocks only this device maps (``thin_ls`` on a metadata
-        snapshot, no quota needed); inodes are not counted by a block device."""
+        snapshot, no quota needed); inodes are not counted (0): that needs a mount."""
         dev_id = int(str(self._row(key)["dev_id"]))
         meta = self._metadata_device()
         with self._lock:
@@ -448,8 +452,8 @@ class DevmapperDriver(StorageDriver):
         for line in out.splitlines():
             parts = line.split()
             if len(parts) == 2 and parts[0] == str(dev_id):
-                return Usage(size=int(parts[1]), inodes=1)
-        return Usage(size=0, inodes=1)
+                return Usage(size=int(parts[1]), inodes=0)
+        return Usage(size=0, inodes=0)
 
     def _metadata_device(self) -> str:
         table = _run("dmsetup", "table", self.pool).split()

@@ -64,15 +64,15 @@ def test_devmapper_full_pool_is_a_clear_error(tmp_path: Path, snapshot_mounter: 
         with pytest.raises((Unavailable, OSError)) as e:
             add_layer(d, base, big, tmp_path)
         msg = str(e.value)
-        assert "full" in msg or "space" in msg.lower() or "Input/output" in msg, msg
-        assert "full" in msg, msg
-        with pytest.raises(Unavailable, match=r"thin pool .* is full"):
-            d.prepare("more", base)
-        assert dict(d.status())["Thin Pool Mode"] in ("out_of_data_space", "rw")
-        # what was stored is unharmed and still readable
+        assert "thin pool" in msg and "is full" in msg, msg
+        # what was stored is unharmed and readable; the failed layer's blocks are freed,
+        # so the pool takes new snapshots again
         assert [i.key for i in d.walk()] == [base]
         with snapshot_mounter(d.view("v", base)) as root:
             assert (root / "etc/big").read_bytes() == bytes(range(256)) * 1024
+        with snapshot_mounter(d.prepare("more", base)) as root:
+            (root / "small").write_bytes(b"fits")
+        assert dict(d.status())["Thin Pool Mode"] == "rw"
     finally:
         d.close()
     _ = (io, archive, mount)
