@@ -185,7 +185,7 @@ class Lifecycle:
             pids = {"current": raw.get("pids_current") or 0}
             if raw.get("pids_limit") not in (None, -1):
                 pids["limit"] = raw["pids_limit"]
-        return {
+        out: dict[str, Any] = {
             "read": now_rfc3339() if c.running else "0001-01-01T00:00:00Z",
             "preread": "0001-01-01T00:00:00Z",
             "pids_stats": pids,
@@ -210,6 +210,14 @@ class Lifecycle:
             "name": "/" + c.name,
             "id": c.id,
         }
+        if c.running:
+            io = _blkio(cg)
+            if io is not None:
+                out["blkio_stats"]["io_service_bytes_recursive"] = io
+            nets = _networks(int(c.state.get("Pid") or 0))
+            if nets:
+                out["networks"] = nets
+        return out
 
     def _cpu(self, cg: Cgroup) -> dict[str, Any]:
         from pallet import cgroups
@@ -470,6 +478,74 @@ class Lifecycle:
         for task in self._pending.values():
             task.cancel()
         self._pending.clear()
+
+
+def _blkio(cg: Cgroup) -> list[dict[str, Any]] | None:
+    """Bytes read and written per device (v1 blkio throttle counters, v2 io.stat)."""
+    out: list[dict[str, Any]] = []
+    if cg.version == 2:
+        d = cg.dir_for("io")
+        try:
+            text = open(os.path.join(d or "", "io.stat")).read() if d else ""
+        except OSError:
+            return None
+        for line in text.splitlines():
+            dev, *fields = line.split()
+            major, _, minor = dev.partition(":")
+            kv = dict(f.split("=", 1) for f in fields if "=" in f)
+            for key, op in (("rbytes", "read"), ("wbytes", "write")):
+                if key in kv:
+                    out.append(
+                        {"major": int(major), "minor": int(minor), "op": op, "value": int(kv[key])}
+                    )
+        return out
+    d = cg.dir_for("blkio")
+    if d is None:
+        return None
+    for name in ("blkio.throttle.io_service_bytes_recursive", "blkio.io_service_bytes_recursive"):
+        try:
+            text = open(os.path.join(d, name)).read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and ":" in parts[0]:
+                major, _, minor = parts[0].partition(":")
+                out.append(
+                    {
+                        "major": int(major),
+                        "minor": int(minor),
+                        "op": parts[1],
+                        "value": int(parts[2]),
+                    }
+                )
+        return out
+    return None
+
+
+def _networks(pid: int) -> dict[str, dict[str, int]]:
+    """Per-interface counters of the container's network namespace (/proc/PID/net/dev)."""
+    if pid <= 0:
+        return {}
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            lines = f.read().splitlines()[2:]
+    except OSError:
+        return {}
+    keys = ["bytes", "packets", "errors", "dropped"]
+    out: dict[str, dict[str, int]] = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        name = name.strip()
+        if name == "lo":
+            continue
+        v = [int(x) for x in rest.split()]
+        if len(v) < 16:
+            continue
+        entry = {f"rx_{k}": v[i] for i, k in enumerate(keys)}
+        entry.update({f"tx_{k}": v[8 + i] for i, k in enumerate(keys)})
+        out[name] = entry
+    return out
 
 
 def find_container_path(c: Container, path: str) -> str:

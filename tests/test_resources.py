@@ -195,6 +195,10 @@ def test_stats(daemon: Daemon) -> None:
         assert cpu["cpu_usage"]["total_usage"] > pre["cpu_usage"]["total_usage"] > 0
         assert cpu["system_cpu_usage"] > pre["system_cpu_usage"] > 0
         assert cpu["online_cpus"] >= 1
+        # the container's own interfaces (default bridge: eth0), block I/O per device
+        assert "eth0" in body["networks"] and "lo" not in body["networks"]
+        assert set(body["networks"]["eth0"]) >= {"rx_bytes", "tx_bytes", "rx_packets"}
+        assert isinstance(body["blkio_stats"]["io_service_bytes_recursive"], list)
         status, one = daemon.api("GET", f"/containers/{cid}/stats?stream=false&one-shot=true")
         assert status == 200 and one["precpu_stats"]["cpu_usage"]["total_usage"] == 0
         r = daemon.cli("stats", "--no-stream", cid)
