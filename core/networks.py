@@ -301,7 +301,8 @@ def _dns_answer(query: bytes, qend: int, rcode: int, addresses: list[str]) -> by
 
 
 class _DNSServer(asyncio.DatagramProtocol):
-    """The embedded resolver of one container (its socket lives in the container's netns)."""
+    """The embedded resolver of one container over UDP (its socket lives in the
+    container's netns)."""
 
     def __init__(self, service: Networks, container_id: str) -> None:
         self.service = service
@@ -315,18 +316,22 @@ class _DNSServer(asyncio.DatagramProtocol):
         self.service._spawn(self._answer(data, addr))
 
     async def _answer(self, data: bytes, addr: tuple[str, int]) -> None:
-        q = _dns_question(data)
-        if q is None or self.transport is None:
-            return
-        name, qtype, qend = q
-        found = self.service.resolve_name(self.container_id, name)
-        if found:
-            reply = _dns_answer(data, qend, 0, found if qtype in (1, 255) else [])
-        else:
-            forwarded = await self.service.forward_dns(self.container_id, data)
-            reply = forwarded or _dns_answer(data, qend, 2, [])  # SERVFAIL
-        if self.transport is not None and not self.transport.is_closing():
+        reply = await self.service.dns_reply(self.container_id, data)
+        if reply and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
+
+
+class _Resolver:
+    """A container's embedded DNS: UDP and TCP on 127.0.0.11:53 in its namespace."""
+
+    def __init__(self, udp: asyncio.DatagramTransport, tcp: asyncio.Server | None) -> None:
+        self.udp = udp
+        self.tcp = tcp
+
+    def close(self) -> None:
+        self.udp.close()
+        if self.tcp is not None:
+            self.tcp.close()
 
 
 class _Forward(asyncio.DatagramProtocol):
@@ -371,7 +376,7 @@ class Networks:
             ep = EndpointRecord.model_validate_json(row["doc"])
             self.eps[ep.id] = ep
         self.reserved: dict[tuple[str, str, int], tuple[str, socket.socket]] = {}
-        self.dns: dict[str, asyncio.DatagramTransport] = {}
+        self.dns: dict[str, _Resolver] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._rules_lock = asyncio.Lock()
         self._setup_lock = asyncio.Lock()
@@ -1404,23 +1409,64 @@ class Networks:
     # --- DNS -----------------------------------------------------------------------------------
 
     async def _start_dns(self, cid: str, netns: Path) -> None:
-        def make() -> socket.socket:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind((DNS_ADDRESS, 53))
-            s.setblocking(False)
-            return s
+        def make() -> tuple[socket.socket, socket.socket]:
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                udp.bind((DNS_ADDRESS, 53))
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                tcp.bind((DNS_ADDRESS, 53))
+                tcp.listen(16)
+            except BaseException:
+                udp.close()
+                tcp.close()
+                raise
+            udp.setblocking(False)
+            tcp.setblocking(False)
+            return udp, tcp
 
         try:
-            sock = await asyncio.to_thread(run_in_netns, netns, make)
+            udp_sock, tcp_sock = await asyncio.to_thread(run_in_netns, netns, make)
         except OSError as e:
             log.warning("container %s: embedded DNS unavailable: %s", cid[:12], e)
             return
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _DNSServer(self, cid), sock=sock)
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _DNSServer(self, cid), sock=udp_sock
+        )
+
+        async def serve_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    size = struct.unpack("!H", await reader.readexactly(2))[0]
+                    reply = await self.dns_reply(cid, await reader.readexactly(size))
+                    if not reply:
+                        return
+                    writer.write(struct.pack("!H", len(reply)) + reply)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        tcp = await asyncio.start_server(serve_tcp, sock=tcp_sock)
         old = self.dns.pop(cid, None)
         if old is not None:
             old.close()
-        self.dns[cid] = transport
+        self.dns[cid] = _Resolver(transport, tcp)
+
+    async def dns_reply(self, cid: str, data: bytes) -> bytes | None:
+        """The answer to one query from container ``cid``: its peers' names from the
+        records, anything else from the upstream resolvers (SERVFAIL if none answers)."""
+        q = _dns_question(data)
+        if q is None:
+            return None
+        name, qtype, qend = q
+        found = self.resolve_name(cid, name)
+        if found:
+            return _dns_answer(data, qend, 0, found if qtype in (1, 255) else [])
+        forwarded = await self.forward_dns(cid, data)
+        return forwarded or _dns_answer(data, qend, 2, [])
 
     def resolve_name(self, cid: str, name: str) -> list[str]:
         """Addresses of ``name`` (container name, alias or short ID) on the user-defined

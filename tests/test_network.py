@@ -357,6 +357,22 @@ def test_user_networks_resolve_names_and_are_isolated(counted: Net) -> None:
     doc = n.inspect("both")["NetworkSettings"]["Networks"]
     assert set(doc) == {a, b} and doc[a]["IPAddress"].startswith(a_sub + ".")
     assert wait_log(n, "both", "from-a")
+    # The resolver answers over TCP too (asked from inside "both"'s namespace).
+    from pallet.network import run_in_netns
+
+    def ask_tcp() -> bytes:
+        query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03srv\x00\x00\x01\x00\x01"
+        with socket.create_connection(("127.0.0.11", 53), timeout=30) as c:
+            c.sendall(struct.pack("!H", len(query)) + query)
+            size = struct.unpack("!H", c.recv(2))[0]
+            data = b""
+            while len(data) < size:
+                data += c.recv(size - len(data))
+            return data
+
+    pid = n.inspect("both")["State"]["Pid"]
+    answer = run_in_netns(f"/proc/{pid}/ns/net", ask_tcp)
+    assert answer[:2] == b"\x12\x34" and answer.endswith(socket.inet_aton(srv_ip))
     # A container of the default bridge connected to a user network gets the resolver.
     n.run("-d", "--name", "late", "busybox", "sleep", "600")
     resolv = Path(n.inspect("late")["ResolvConfPath"])
