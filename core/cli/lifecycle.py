@@ -293,7 +293,7 @@ def cp(archive: bool, follow_link: bool, quiet: bool, src: str, dest: str) -> No
     client = _client()
     try:
         if src_ctr:
-            n = _copy_from(client, src_ctr, src_path, dst_path)
+            n = _copy_from(client, src_ctr, src_path, dst_path, archive)
             where = dst_path
         else:
             assert dst_ctr is not None
@@ -316,7 +316,7 @@ def cp(archive: bool, follow_link: bool, quiet: bool, src: str, dest: str) -> No
         click.echo(f"Successfully copied {human_size(n)} to {where}", err=True)
 
 
-def _copy_from(client: Any, ctr: str, path: str, dest: str) -> int:
+def _copy_from(client: Any, ctr: str, path: str, dest: str, archive: bool = False) -> int:
     import shutil
     import tarfile
     import tempfile
@@ -371,6 +371,9 @@ def _copy_from(client: Any, ctr: str, path: str, dest: str) -> int:
                         )
                     if member.issym():
                         links.add(member.name.rstrip("/"))
+                    if not archive:  # owned by the caller, as docker cp without -a
+                        member.uid, member.gid = os.getuid(), os.getgid()
+                        member.uname = member.gname = ""
                     tf.extract(member, tmp, set_attrs=True)
             entries = os.listdir(tmp)
             if len(entries) != 1:
