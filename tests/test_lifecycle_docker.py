@@ -136,3 +136,43 @@ def test_docker_volumes(docker: Any) -> None:
     assert r.stdout == "x\n"
     assert docker("volume", "inspect", "-f", "{{.Driver}}", name).stdout.strip() == "local"
     docker("volume", "rm", name)
+
+
+def test_docker_run_hardening_flags(docker: Any, tmp_path: Path) -> None:
+    profile = tmp_path / "profile.json"
+    profile.write_text(
+        json.dumps(
+            {
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}],
+            }
+        )
+    )
+    r = docker(
+        "run",
+        "--rm",
+        "--read-only",
+        "--tmpfs",
+        "/run:size=1m",
+        "--init",
+        "--device",
+        "/dev/null:/dev/other-null",
+        "--ulimit",
+        "nofile=64:128",
+        "--security-opt",
+        f"seccomp={profile}",
+        "--cap-drop",
+        "ALL",
+        "busybox",
+        "sh",
+        "-c",
+        "touch /x || echo ro; mkdir /run/d || echo nomkdir; touch /run/f && echo tmpfs; "
+        "ls /dev/other-null; ulimit -n; cat /proc/1/cmdline | tr '\\0' ' '; echo; "
+        "grep CapEff /proc/self/status",
+    )
+    out = r.stdout.splitlines()
+    assert out[:5] == ["ro", "nomkdir", "tmpfs", "/dev/other-null", "64"]
+    assert out[5].startswith("/sbin/docker-init -- sh")
+    assert out[6].split()[1] == "0000000000000000"
+    r = docker("run", "--rm", "--security-opt", "bogus=1", "busybox", "true", check=False)
+    assert r.returncode == 125 and 'invalid --security-opt 2: "bogus=1"' in r.stderr
