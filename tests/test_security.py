@@ -395,3 +395,36 @@ def test_capability_arithmetic() -> None:
     assert container_capabilities(["KILL"], ["ALL"], False) == ["CAP_KILL"]
     sets = caps.CapSets.from_spec({"bounding": ["CAP_KILL"], "effective": [], "permitted": []})
     assert sets is not None and sets.bounding == {5}
+
+
+@pytest.mark.parametrize("runtime", ["native", "runc", "crun"])
+def test_same_hardening_on_every_runtime(daemon: Daemon, runtime: str) -> None:
+    """One spec for every backend: the capability sets, the seccomp filter, masked and
+    read-only paths, memory and pids limits are the same under runc and crun."""
+    r = daemon.cli(
+        "run",
+        "--rm",
+        "--runtime",
+        runtime,
+        "-m",
+        "48m",
+        "--pids-limit",
+        "30",
+        "busybox",
+        "sh",
+        "-c",
+        "grep -E '^(CapEff|CapBnd|CapInh|Seccomp):' /proc/self/status; "
+        "unshare -n true 2>/dev/null || echo unshare-refused; "
+        "echo 1 > /proc/sys/kernel/ns_last_pid 2>/dev/null || echo procsys-ro; "
+        "wc -c < /proc/timer_list; "
+        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/pids/pids.max",
+    )
+    lines = r.stdout.split("\n")
+    fields = dict(line.split(":\t") for line in lines[:4])
+    assert fields == {
+        "CapInh": "0000000000000000",
+        "CapEff": "00000000a80425fb",
+        "CapBnd": "00000000a80425fb",
+        "Seccomp": "2",
+    }
+    assert lines[4:9] == ["unshare-refused", "procsys-ro", "0", str(48 * 1024 * 1024), "30"]
