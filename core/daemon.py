@@ -266,8 +266,8 @@ class Daemon:
         # The shim zygote imports the backends now, so the first `run` is as fast as the rest.
         ShimClient.warm_up(list(self.exec_backends.values()))
         await self.containers.restore()
-        await self.lifecycle.at_daemon_start()  # restart policies of containers found down
         await self.networks.restore()
+        await self.lifecycle.at_daemon_start()  # restart policies of containers found down
         server = Server(self.engine)
         gid = None
         if self.config.group:
