@@ -11,6 +11,7 @@ route. NAT, published ports and isolation are nftables rules in pallet's own tab
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -32,8 +33,15 @@ log = logging.getLogger("pallet.net_bridge")
 
 
 def _lookup(ip: Any, name: str) -> int | None:
-    found = ip.link_lookup(ifname=name)
-    return int(found[0]) if found else None
+    """The link's index, or None (one RTM_GETLINK by name, not a dump of every link)."""
+    from pyroute2 import NetlinkError
+
+    try:
+        return int(ip.link("get", ifname=name)[0]["index"])
+    except NetlinkError as e:
+        if e.code in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise
 
 
 def _sysctl(path: str, value: str) -> None:
@@ -141,35 +149,43 @@ class BridgeDriver(NetworkDriver):
 
         if not ep.host_ifname:
             ep.host_ifname = "veth" + secrets.token_hex(4)[:7]
-        tmp = "pt" + secrets.token_hex(6)
         with self._ipr() as ip:
             br = _lookup(ip, net.bridge)
             if br is None:
                 raise Unavailable(f"bridge {net.bridge} of network {net.name} is missing")
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                ip.link("add", ifname=ep.host_ifname, kind="veth", peer={"ifname": tmp})
+                # One request: the host end a port of the bridge, the other end made
+                # directly inside the container's namespace with its name, MAC and MTU.
+                ip.link(
+                    "add",
+                    ifname=ep.host_ifname,
+                    kind="veth",
+                    master=br,
+                    mtu=ep.mtu,
+                    peer={
+                        "ifname": ep.ifname,
+                        "net_ns_fd": fd,
+                        "address": ep.mac,
+                        "mtu": ep.mtu,
+                    },
+                )
             except NetlinkError as e:
                 raise Unavailable(
-                    f"failed to add the host ({ep.host_ifname}) <=> sandbox ({tmp}) pair "
+                    f"failed to add the host ({ep.host_ifname}) <=> sandbox ({ep.ifname}) pair "
                     f"interfaces: {os.strerror(e.code)}"
                 ) from None
+            finally:
+                os.close(fd)
             host_idx = _lookup(ip, ep.host_ifname)
             try:
-                peer_idx = _lookup(ip, tmp)
-                assert host_idx is not None and peer_idx is not None
+                assert host_idx is not None
                 ip.link(
                     "set",
                     index=host_idx,
-                    master=br,
-                    mtu=ep.mtu,
                     ifalias=f"pallet {ep.container_id[:12]} {ep.id[:12]}",
                 )
-                fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    ip.link("set", index=peer_idx, net_ns_fd=fd)
-                finally:
-                    os.close(fd)
-                run_in_netns(netns, lambda: self._configure_inside(tmp, ep))
+                run_in_netns(netns, lambda: self._configure_inside(ep))
                 if self.settings.iptables:
                     # Hairpin: the container reaching its own published port via the host.
                     ip.brport("set", index=host_idx, mode=1)
@@ -188,15 +204,14 @@ class BridgeDriver(NetworkDriver):
             mac_address=ep.mac,
         )
 
-    def _configure_inside(self, tmp: str, ep: EndpointInfo) -> None:
+    def _configure_inside(self, ep: EndpointInfo) -> None:
         from pyroute2 import NetlinkError
 
         try:
             with self._ipr() as ip:
-                idx = _lookup(ip, tmp)
+                idx = _lookup(ip, ep.ifname)
                 if idx is None:
-                    raise Internal(f"{tmp} did not arrive in the container's namespace")
-                ip.link("set", index=idx, ifname=ep.ifname, mtu=ep.mtu, address=ep.mac)
+                    raise Internal(f"{ep.ifname} did not arrive in the container's namespace")
                 ip.addr("add", index=idx, address=ep.address, prefixlen=ep.prefixlen)
                 ip.link("set", index=idx, state="up")
                 if ep.gateway:
