@@ -244,3 +244,25 @@ def test_btrfs_subvolume_per_snapshot(tmp_path: Path, mounted: Mounter) -> None:
             assert list((d.root / "subvolumes").iterdir()) == []
         finally:
             d.close()
+
+
+def test_btrfs_usage_counts_rewritten_extents_only(tmp_path: Path, mounted: Mounter) -> None:
+    """A container that rewrites 8 KiB in the middle of a 4 MiB file owns ~8 KiB, and a
+    layer's usage does not drop when children share its data."""
+    with envs.btrfs_filesystem(tmp_path / "fs", 300 << 20) as fs:
+        cls = _cls("btrfs")
+        d = cls(fs / "btrfs", cls.Options())
+        try:
+            base = add_layer(d, None, tar({"name": "big", "data": os.urandom(4 << 20)}), tmp_path)
+            before = d.usage(base).size
+            assert before >= 4 << 20
+            with mounted(d.prepare("ctr", base)) as root:
+                with open(root / "big", "r+b") as f:
+                    f.seek(1 << 20)
+                    f.write(os.urandom(8192))
+            u = d.usage("ctr")
+            assert 8192 <= u.size < 256 << 10, u
+            assert u.inodes >= 1
+            assert d.usage(base).size == before
+        finally:
+            d.close()

@@ -268,7 +268,7 @@ def fingerprint(root: Path) -> dict[str, tuple[Any, ...]]:
     mtime (not of directories, which a diff touches), content, link targets, device
     numbers, xattrs and hardlink groups."""
     out: dict[str, tuple[Any, ...]] = {}
-    inodes: dict[int, str] = {}
+    inodes: dict[int, list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in sorted(dirnames + filenames):
             p = os.path.join(dirpath, name)
@@ -282,8 +282,9 @@ def fingerprint(root: Path) -> dict[str, tuple[Any, ...]]:
             elif stat.S_ISLNK(st.st_mode):
                 content = os.readlink(p)
             link = None
-            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                link = inodes.setdefault(st.st_ino, rel)
+            if not stat.S_ISDIR(st.st_mode):
+                inodes.setdefault(st.st_ino, []).append(rel)
+                link = st.st_ino  # replaced below by the inode's group of paths
             xattrs = {
                 k: os.getxattr(p, k, follow_symlinks=False)
                 for k in sorted(os.listxattr(p, follow_symlinks=False))
@@ -302,6 +303,12 @@ def fingerprint(root: Path) -> dict[str, tuple[Any, ...]]:
                 tuple(xattrs.items()),
                 link,
             )
+    # hardlinks: the paths of the tree sharing an inode (what st_nlink says may count
+    # links outside the tree, e.g. in an overlay's lower layer)
+    for rel, fp in out.items():
+        if fp[-1] is not None:
+            group = inodes[fp[-1]]
+            out[rel] = (*fp[:-1], tuple(sorted(group)) if len(group) > 1 else None)
     return out
 
 

@@ -10,12 +10,13 @@ A layer is applied straight into its active subvolume (deletions by removing pat
 child is a writable snapshot of its parent's subvolume and a view a read-only one, so
 nothing is copied. Mounts are bind mounts of the subvolume directory (Docker's btrfs
 driver mounts the same way). ``usage`` needs no quota groups: it counts the bytes of
-the extents that ``FIEMAP`` reports as not shared (with the parent or anyone else) and
-the inodes that differ from the parent's.
+the extents (``FIEMAP``) the parent's files do not have, and the inodes that differ from
+the parent's.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import fcntl
 import os
@@ -35,7 +36,6 @@ FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_FLAG_SYNC = 0x1
 FIEMAP_EXTENT_LAST = 0x1
 FIEMAP_EXTENT_DATA_INLINE = 0x200
-FIEMAP_EXTENT_SHARED = 0x2000
 BTRFS_FIRST_FREE_OBJECTID = 256  # the inode number of every subvolume's root
 
 
@@ -65,9 +65,9 @@ class _Fiemap(ctypes.Structure):
     ]
 
 
-def exclusive_bytes(fd: int, size: int) -> int:
-    """Bytes of file ``fd``'s extents that no other file or snapshot shares."""
-    total = 0
+def extents(fd: int) -> list[tuple[int, int, int, int]]:
+    """``(logical, physical, length, flags)`` of file ``fd``'s extents (``FIEMAP``)."""
+    out: list[tuple[int, int, int, int]] = []
     start = 0
     while True:
         fm = _Fiemap()
@@ -77,19 +77,23 @@ def exclusive_bytes(fd: int, size: int) -> int:
         fm.fm_extent_count = _N_EXTENTS
         fcntl.ioctl(fd, FS_IOC_FIEMAP, fm)
         n = fm.fm_mapped_extents
-        if n == 0:
-            return total
         for i in range(n):
             e = fm.fm_extents[i]
-            if not e.fe_flags & FIEMAP_EXTENT_SHARED:
-                length = e.fe_length
-                if e.fe_flags & FIEMAP_EXTENT_DATA_INLINE:
-                    length = min(length, max(size - e.fe_logical, 0))
-                total += length
+            out.append((e.fe_logical, e.fe_physical, e.fe_length, e.fe_flags))
             if e.fe_flags & FIEMAP_EXTENT_LAST:
-                return total
+                return out
+        if n == 0:
+            return out
         last = fm.fm_extents[n - 1]
         start = last.fe_logical + last.fe_length
+
+
+def _file_extents(path: str) -> list[tuple[int, int, int, int]]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        return extents(fd)
+    finally:
+        os.close(fd)
 
 
 class BtrfsOptions(BaseModel):
@@ -232,8 +236,10 @@ def _nested_subvolumes(path: Path) -> list[Path]:
 
 
 def subvolume_usage(path: Path, parent: Path | None) -> Usage:
-    """Exclusive bytes (unshared extents) of the subvolume at ``path`` and the number of
-    its inodes that are not the parent's unchanged (new or modified)."""
+    """What the subvolume at ``path`` holds of its own, against the subvolume it was
+    snapshotted from: the bytes of file extents the parent's file at the same path does
+    not have (new or rewritten data; children sharing them change nothing) and the
+    inodes that are not the parent's unchanged ones."""
     seen: set[int] = set()
     size = inodes = 0
     stack = [""]
@@ -245,25 +251,43 @@ def subvolume_usage(path: Path, parent: Path | None) -> Usage:
             continue  # a nested subvolume is not part of this one
         if st.st_ino not in seen:
             seen.add(st.st_ino)
-            changed = True
+            pst = None
             if parent is not None:
+                pp = os.path.join(parent, rel) if rel else str(parent)
                 try:
-                    pst = os.lstat(os.path.join(parent, rel) if rel else parent)
-                    changed = (pst.st_ino, pst.st_ctime_ns) != (st.st_ino, st.st_ctime_ns)
+                    pst = os.lstat(pp)
                 except FileNotFoundError:
-                    pass
-            if changed:
+                    pst = None
+            unchanged = pst is not None and (pst.st_ino, pst.st_ctime_ns) == (
+                st.st_ino,
+                st.st_ctime_ns,
+            )
+            if not unchanged:
                 inodes += 1
-            if stat.S_ISREG(st.st_mode) and st.st_size:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    size += exclusive_bytes(fd, st.st_size)
-                finally:
-                    os.close(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size:
+                    theirs: list[tuple[int, int]] = []
+                    if pst is not None and stat.S_ISREG(pst.st_mode) and pst.st_ino == st.st_ino:
+                        theirs = sorted(
+                            (e[1], e[1] + e[2])
+                            for e in _file_extents(pp)
+                            if not e[3] & FIEMAP_EXTENT_DATA_INLINE
+                        )
+                    for logical, physical, length, flags in _file_extents(p):
+                        if flags & FIEMAP_EXTENT_DATA_INLINE:
+                            size += min(length, max(st.st_size - logical, 0))
+                        elif not _within(theirs, physical, physical + length):
+                            size += length
         if stat.S_ISDIR(st.st_mode):
             with os.scandir(p) as it:
                 stack.extend(os.path.join(rel, e.name) for e in it)
     return Usage(size=size, inodes=inodes)
+
+
+def _within(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether [start, end) lies inside one of the sorted ``ranges`` (a shared extent:
+    a partly rewritten file keeps pieces of its parent's extents)."""
+    i = bisect.bisect_right(ranges, (start, 1 << 64)) - 1
+    return i >= 0 and ranges[i][0] <= start and end <= ranges[i][1]
 
 
 def _human(n: float) -> str:
