@@ -419,6 +419,8 @@ class Lifecycle:
             c.state["Paused"] = False
             if not c.removed:
                 self.containers.save(c)
+        with contextlib.suppress(Exception):  # volumes with mount options: last user gone
+            self.containers.daemon.volumes.unmount_unused(c.doc["Mounts"])
         if self.shutting_down or not self._should_restart(c):
             return
         ran = rfc3339_to_unix(c.state["FinishedAt"]) - rfc3339_to_unix(c.state["StartedAt"])
@@ -462,6 +464,8 @@ class Lifecycle:
     async def at_daemon_start(self) -> None:
         """Apply restart policies to containers that are down when the daemon starts
         (Docker's restore: started at once, without back-off)."""
+        with contextlib.suppress(Exception):  # volume mounts left by a crash, now unused
+            self.containers.daemon.volumes.unmount_unused()
         for c in list(self.containers.by_id.values()):
             if c.running or c.id in self._pending or c.state.get("Status") == "created":
                 continue

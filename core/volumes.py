@@ -254,11 +254,7 @@ class Volumes:
         """Create (or return the existing) volume, as ``POST /volumes/create``."""
         if driver not in ("", "local"):
             raise NotFound(f'error looking up volume plugin {driver}: plugin "{driver}" not found')
-        if options:
-            raise InvalidArgument(
-                "create: the local driver of pallet takes no options yet "
-                f"(got {', '.join(sorted(options))})"
-            )
+        check_local_options(options or {})
         anonymous = not name
         if not name:
             name = secrets.token_hex(32)
@@ -351,6 +347,10 @@ class Volumes:
         users = self.users(name)
         if users:
             raise Conflict(f"remove {name}: volume is in use - [{', '.join(users)}]")
+        from pallet.mount import is_mountpoint, unmount
+
+        if is_mountpoint(str(self.path(name))):
+            unmount(str(self.path(name)))
         self.store.execute("DELETE FROM volumes WHERE name = ?", (name,))
         shutil.rmtree(self.root / name, ignore_errors=True)
 
@@ -419,8 +419,10 @@ class Volumes:
                 continue
             src = str(m["Source"])
             if m["Type"] == "volume":
-                if self._doc(str(m["Name"])) is None:
+                doc = self._doc(str(m["Name"]))
+                if doc is None:
                     raise NotFound(f"get {m['Name']}: no such volume")
+                self.mount_volume(doc)
                 if not m.get("_NoCopy"):
                     copy_image_content(rootfs, dst, Path(src))
             elif not os.path.exists(src):
@@ -431,6 +433,54 @@ class Volumes:
             opts.append(str(m.get("Propagation") or "rprivate"))
             out.append(Mount(destination=dst, type="bind", source=src, options=opts))
         return out
+
+    # --- volumes with mount options (-o type= device= o=) ---------------------------------
+
+    def mount_volume(self, doc: dict[str, Any]) -> None:
+        """Mount a volume that has options on its directory, once (the first user)."""
+        from pallet import linux
+        from pallet.mount import is_mountpoint
+
+        opts = doc.get("Options") or {}
+        if not opts.get("type"):
+            return
+        path = self.path(doc["Name"])
+        if is_mountpoint(str(path)):
+            return
+        flags, data = _mount_options(str(opts.get("o") or ""))
+        kind = str(opts["type"])
+        device = str(opts["device"])
+        if kind == "none" or "bind" in str(opts.get("o") or "").split(","):
+            kind, flags = "", flags | linux.MS_BIND
+        try:
+            linux.mount(device, str(path), kind or None, flags, data or None)
+        except OSError as e:
+            raise InvalidArgument(
+                f"error while mounting volume '{path}': failed to mount local volume: "
+                f"mount {device}:{path}, data: {data}: {(e.strerror or str(e)).lower()}"
+            ) from None
+
+    def unmount_unused(self, mounts: list[dict[str, Any]] | None = None) -> None:
+        """Unmount volumes with options that no running container uses (``mounts``: only
+        those; None: all)."""
+        from pallet.mount import is_mountpoint, unmount
+
+        names = (
+            {str(m.get("Name")) for m in mounts if m.get("Type") == "volume"}
+            if mounts is not None
+            else {r["name"] for r in self.store.query("SELECT name FROM volumes")}
+        )
+        running = set()
+        if self.containers is not None:
+            for c in self.containers.by_id.values():
+                if c.running:
+                    running |= {
+                        str(m.get("Name")) for m in c.doc["Mounts"] if m.get("Type") == "volume"
+                    }
+        for name in names - running:
+            path = self.path(name)
+            if path.exists() and is_mountpoint(str(path)):
+                unmount(str(path))
 
     def release(self, mounts: list[dict[str, Any]], remove_anonymous: bool) -> None:
         """After the container is removed: its anonymous volumes go with ``rm -v``."""
@@ -445,6 +495,27 @@ class Volumes:
 
     def close(self) -> None:
         self.store.close()
+
+
+LOCAL_OPTIONS = {"type", "device", "o"}
+
+
+def check_local_options(options: dict[str, str]) -> None:
+    """The local driver's ``-o type=... -o device=... -o o=...`` (mount(8)'s -t, device
+    and -o), checked as Docker's local driver does."""
+    unknown = sorted(set(options) - LOCAL_OPTIONS)
+    if unknown:
+        raise InvalidArgument(f"invalid option: {unknown[0]!r}")
+    if options.get("type") and not options.get("device"):
+        raise InvalidArgument('missing required option: "device"')
+    if options.get("device") and not options.get("type"):
+        raise InvalidArgument('missing required option: "type"')
+
+
+def _mount_options(text: str) -> tuple[int, str]:
+    from pallet.mount import split_options
+
+    return split_options([o for o in text.split(",") if o])
 
 
 def tmpfs_mounts(host_config: dict[str, Any]) -> list[Mount]:

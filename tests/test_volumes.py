@@ -348,3 +348,45 @@ def test_cp_into_symlink_stays_in_the_container(daemon: Daemon, tmp_path: Path) 
         for p in host_dir.iterdir():
             p.unlink()
         host_dir.rmdir()
+
+
+def test_volume_with_mount_options(daemon: Daemon, tmp_path: Path) -> None:
+    """The local driver's options: a tmpfs volume, and a bind of a host directory;
+    mounted while a container uses them."""
+    tmp_vol, bind_vol = uniq("tmpfsvol"), uniq("bindvol")
+    daemon.cli(
+        "volume", "create", "-o", "type=tmpfs", "-o", "device=tmpfs", "-o", "o=size=2m", tmp_vol
+    )
+    (tmp_path / "hostfile").write_text("on the host\n")
+    daemon.cli(
+        "volume",
+        "create",
+        "-o",
+        "type=none",
+        "-o",
+        f"device={tmp_path}",
+        "-o",
+        "o=bind",
+        bind_vol,
+    )
+    r = daemon.cli(
+        "run",
+        "--rm",
+        "-v",
+        f"{tmp_vol}:/t",
+        "-v",
+        f"{bind_vol}:/b",
+        "busybox",
+        "sh",
+        "-c",
+        "grep ' /t ' /proc/mounts; cat /b/hostfile; echo new > /b/fromctr",
+    )
+    assert "tmpfs" in r.stdout and "size=2048k" in r.stdout and "on the host" in r.stdout
+    assert (tmp_path / "fromctr").read_text() == "new\n"
+    mountpoint = json.loads(daemon.cli("volume", "inspect", tmp_vol).stdout)[0]["Mountpoint"]
+    assert not [line for line in open("/proc/self/mountinfo") if f" {mountpoint} " in line]
+    daemon.cli("volume", "rm", tmp_vol, bind_vol)
+    r = daemon.cli("volume", "create", "-o", "type=tmpfs", uniq("bad"), check=False)
+    assert r.returncode == 1 and 'missing required option: "device"' in r.stderr
+    r = daemon.cli("volume", "create", "-o", "size=1", uniq("bad"), check=False)
+    assert r.returncode == 1 and "invalid option: 'size'" in r.stderr
