@@ -1214,6 +1214,7 @@ class Networks:
         if transport is not None:
             transport.close()
         gone = self.endpoints_of(c.id)
+        started = time.monotonic()
         for ep in gone:
             net = self.nets.get(ep.network_id)
             driver = self.drivers.get(net.driver) if net else None
@@ -1225,6 +1226,12 @@ class Networks:
         self.release_sync(c)
         if gone:
             await self.program()
+            log.debug(
+                "container %s: %d endpoint(s) released in %.1f ms",
+                c.id[:12],
+                len(gone),
+                (time.monotonic() - started) * 1000,
+            )
         self._clear_settings(c)
 
     # --- connect / disconnect -----------------------------------------------------------
