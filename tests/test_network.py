@@ -356,6 +356,8 @@ def test_user_networks_resolve_names_and_are_isolated(counted: Net) -> None:
     n.d.cli("network", "connect", a, "both")
     doc = n.inspect("both")["NetworkSettings"]["Networks"]
     assert set(doc) == {a, b} and doc[a]["IPAddress"].startswith(a_sub + ".")
+    on_a = n.d.cli("ps", "--filter", f"network={a}", "--format", "{{.Names}}").stdout.split()
+    assert sorted(on_a) == ["both", "srv"]
     assert wait_log(n, "both", "from-a")
     # The resolver answers over TCP too (asked from inside "both"'s namespace).
     from pallet.network import run_in_netns

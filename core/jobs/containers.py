@@ -122,6 +122,11 @@ def _matches(c: Container, f: dict[str, list[str]]) -> bool:
         elif key == "ancestor":
             if not any(c.config.get("Image") == v or c.doc["Image"].startswith(v) for v in values):
                 return False
+        elif key == "network":  # by network name or ID (prefix)
+            nets = c.doc["NetworkSettings"].get("Networks") or {}
+            ids = [str((s or {}).get("NetworkID") or "") for s in nets.values()]
+            if not any(v in nets or any(i and i.startswith(v) for i in ids) for v in values):
+                return False
         else:
             raise InvalidArgument(f"invalid filter '{key}'")
     return True
