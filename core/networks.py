@@ -910,19 +910,29 @@ class Networks:
             networks[primary.name] = self._endpoint_settings(primary, None)
         try:
             order = [primary.name] + [n for n in networks if n != primary.name]
+            routed = False  # the default route: the first non-internal network's gateway
             for i, name in enumerate(order):
                 ref = networks[name].get("NetworkID") or name
                 try:
                     net = self.get(ref)
                 except NotFound:
                     raise NotFound(f"network {name} not found") from None
-                self._allocate(c, net, f"eth{i}", primary=i == 0)
+                route = not routed and not net.internal and bool(net.gateway)
+                routed = routed or route
+                self._allocate(c, net, f"eth{i}", primary=i == 0, default_route=route)
         except BaseException:
             self.release_sync(c)
             raise
         return "new"
 
-    def _allocate(self, c: Container, net: NetworkRecord, ifname: str, primary: bool) -> None:
+    def _allocate(
+        self,
+        c: Container,
+        net: NetworkRecord,
+        ifname: str,
+        primary: bool,
+        default_route: bool = False,
+    ) -> None:
         driver = self.drivers.get(net.driver)
         if driver is None:
             raise NotFound(f'plugin "{net.driver}" not found')
@@ -945,7 +955,7 @@ class Networks:
                     ep.address = self._lease(net, ep.id, want)
                     ep.prefixlen = net.prefixlen
                     ep.mac = mac_for(ep.address)
-                    ep.gateway = net.gateway if primary and not net.internal else ""
+                    ep.gateway = net.gateway if default_route else ""
                 db.execute(
                     "INSERT INTO endpoints (id, network_id, container_id, doc) VALUES (?,?,?,?)",
                     (ep.id, net.id, c.id, ep.model_dump_json()),

@@ -398,6 +398,19 @@ def test_internal_network(counted: Net) -> None:
     assert n.d.api("GET", f"/networks/{name}")[1]["Internal"] is True
     r = n.run("--rm", "--network", name, "busybox", "sh", "-c", "ip route", check=False)
     assert "default" not in r.stdout and f"{sub}.0/24" in r.stdout
+    # Connected while stopped to the default bridge too: eth0 (internal, no route) and
+    # eth1 (the bridge, which then gives the default route).
+    n.d.cli("create", "--name", "two", "--network", name, "busybox", "sh", "-c",
+            "ip -o addr; ip route; sleep 600")  # fmt: skip
+    n.d.cli("network", "connect", "bridge", "two")
+    n.d.cli("start", "two")
+    ns = n.inspect("two")["NetworkSettings"]
+    assert set(ns["Networks"]) == {name, "bridge"}
+    assert wait_log(n, "two", "default via")
+    out = n.d.cli("logs", "two").stdout
+    assert ns["Networks"][name]["IPAddress"] in out
+    assert ns["Networks"]["bridge"]["IPAddress"] in out
+    assert f"default via {ns['Networks']['bridge']['Gateway']} dev eth1" in out
 
 
 def test_errors(counted: Net) -> None:
