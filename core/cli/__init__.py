@@ -48,6 +48,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Block until containers stop, then print their exit codes.",
     ),
     "inspect": ("pallet.cli.containers:inspect", "Return low-level information on objects."),
+    "exec": ("pallet.cli.exec:exec_", "Execute a command in a running container."),
+    "attach": ("pallet.cli.exec:attach", "Attach local standard streams to a running container."),
     # lifecycle (pallet.cli.lifecycle)
     "stats": (
         "pallet.cli.lifecycle:stats",
@@ -82,6 +84,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "load": ("pallet.cli.distribution:load", "Load an image from a tar archive or STDIN."),
     "history": ("pallet.cli.distribution:history", "Show the history of an image."),
     "image": ("pallet.cli.distribution:image", "Manage images."),
+    # networks
+    "network": ("pallet.cli.networks:network", "Manage networks."),
+    "port": (
+        "pallet.cli.networks:port",
+        "List port mappings or a specific mapping for the container.",
+    ),
     # storage (graph operations on containers)
     "diff": (
         "pallet.cli.storage:diff",
@@ -89,12 +97,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "commit": ("pallet.cli.storage:commit", "Create a new image from a container's changes."),
     "export": ("pallet.cli.storage:export", "Export a container's filesystem as a tar archive."),
-    # networks
-    "network": ("pallet.cli.networks:network", "Manage networks."),
-    "port": (
-        "pallet.cli.networks:port",
-        "List port mappings or a specific mapping for the container.",
-    ),
     # system
     "info": ("pallet.cli.system:info", "Display system-wide information."),
     "version": ("pallet.cli.system:version", "Show the pallet version information."),

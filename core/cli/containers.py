@@ -384,13 +384,25 @@ def _attach_wait_start(
                 msg = exc.message if isinstance(exc, APIError) else str(exc)
                 return _start_error_status(msg)
             proxy = _SignalProxy(client, cid) if sig_proxy and not tty else None
+            session = None
+            if tty:  # raw mode, size tracking, detach keys: see pallet.cli.exec
+                from pallet.cli.exec import TerminalSession, stream_session
+
+                session = TerminalSession(client, f"/containers/{cid}/resize", raw=stdin)
+                session.track_size()
             try:
-                if stdin:
+                if session is not None:
+                    if stream_session(conn, tty=True, stdin=stdin, detach_keys=b"\x10\x11"):
+                        return 0  # ctrl-p ctrl-q: detached, the container runs on
+                elif stdin:
                     import threading
 
                     threading.Thread(target=_stdin_pump, args=(conn,), daemon=True).start()
-                _pump_output(conn, tty)
+                if session is None:
+                    _pump_output(conn, tty)
             finally:
+                if session is not None:
+                    session.close()
                 if proxy is not None:
                     proxy.restore()
         if wait_resp is None:
@@ -428,6 +440,12 @@ def run(image: str, command: tuple[str, ...], **opts: Any) -> None:
     """Create and run a new container from an image."""
     client = _client()
     body = build_create_body(image, command, **opts)
+    if opts["tty"]:  # the size the process starts with, as docker sends it
+        from pallet.cli.exec import terminal_size
+
+        size = terminal_size()
+        if size:
+            body.setdefault("HostConfig", {})["ConsoleSize"] = list(size)
     cid = _create(client, body, opts.get("name"), "run")
     if opts["detach"]:
         from pallet.client import ClientError

@@ -270,9 +270,7 @@ def _read_env_file(path: str) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-@click.command(
-    short_help="Attach local standard input, output, and error streams to a running container."
-)
+@click.command(short_help="Attach local standard streams to a running container.")
 @click.option("--detach-keys", help="Override the key sequence for detaching a container.")
 @click.option("--no-stdin", is_flag=True, help="Do not attach STDIN.")
 @click.option(
