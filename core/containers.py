@@ -396,7 +396,7 @@ class Containers:
 
         await asyncio.to_thread(prepare)
         try:
-            netns = self.daemon.networks.prepare(c)  # addresses, ports: before /etc files
+            netns = await self.daemon.networks.prepare(c)  # addresses, ports: before /etc
             etc_mounts = self._write_etc_files(c)
             spec = build_spec(
                 container_id=c.id,

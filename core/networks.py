@@ -380,7 +380,7 @@ class Networks:
         self.dns: dict[str, _Resolver] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self._rules_lock = asyncio.Lock()
-        self._setup_lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}  # per container: prepare vs release
 
     # --- start-up ----------------------------------------------------------------------
 
@@ -888,10 +888,21 @@ class Networks:
             return "none", net, None
         return "network", net, None
 
-    def prepare(self, c: Container) -> str:
+    def _lock_for(self, cid: str) -> asyncio.Lock:
+        lock = self._locks.get(cid)
+        if lock is None:
+            lock = self._locks[cid] = asyncio.Lock()
+        return lock
+
+    async def prepare(self, c: Container) -> str:
         """Before the container's process exists: allocate its endpoints (addresses,
         MACs, host ports) and say which network namespace it gets: ``"new"``,
-        ``"host"`` or the path of another container's namespace."""
+        ``"host"`` or the path of another container's namespace. Waits for a release
+        of the same container still under way (an exit just before a new start)."""
+        async with self._lock_for(c.id):
+            return self._prepare(c)
+
+    def _prepare(self, c: Container) -> str:
         kind, primary, other = self.mode(c)
         if kind == "container":
             assert other is not None
@@ -1220,6 +1231,12 @@ class Networks:
     async def release(self, c: Container) -> None:
         """The container stopped (or failed to start, or is removed): remove its endpoints
         (links, rules, leases, ports, DNS). Idempotent."""
+        async with self._lock_for(c.id):
+            await self._release(c)
+        if c.removed or c.removing:
+            self._locks.pop(c.id, None)
+
+    async def _release(self, c: Container) -> None:
         transport = self.dns.pop(c.id, None)
         if transport is not None:
             transport.close()
