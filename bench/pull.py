@@ -120,6 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=3)
     ap.add_argument("--storage-driver", default="overlay")
+    ap.add_argument("-v", "--verbose", action="store_true", help="per-layer timings from palletd")
     ap.add_argument(
         "--compare-sequential",
         action="store_true",
@@ -200,7 +201,7 @@ def main() -> None:
                  "-H", f"unix://{psock}", "--storage-driver", args.storage_driver, "--cgroup-parent", f"/bench-pull-{name}-{tag}",
                  "--config-file", str(tmp / f"{name}.json")],
                 stdout=subprocess.DEVNULL,
-                stderr=open(tmp / f"{name}.log", "wb"),
+                stderr=open(tmp / f"{name}.log", "ab"),
                 env={**os.environ, **extra_env},
             )  # fmt: skip
             procs.append(palletd)
@@ -255,6 +256,14 @@ def main() -> None:
                 seq_t.append(timed([pallet, "pull", "-q", ref], senv, [pallet, "rmi", ref]))
                 line += f", pallet sequential unpack {seq_t[-1]:.2f} s"
             print(line, flush=True)
+            if args.verbose:
+                for name in ("pallet", "pallet-seq"):
+                    logf = tmp / f"{name}.log"
+                    if logf.exists():
+                        lines = logf.read_text(errors="replace").splitlines()
+                        keep = [x for x in lines if "pallet.distribution" in x and "layer " in x]
+                        print(f"  {name}:", *keep[-15:], sep="\n    ")
+                        logf.write_text("")
         pm, dm = statistics.median(pallet_t), statistics.median(docker_t)
         print(f"pallet pull  median {pm:.2f} s  ({', '.join(f'{t:.2f}' for t in pallet_t)})")
         print(f"docker pull  median {dm:.2f} s  ({', '.join(f'{t:.2f}' for t in docker_t)})")

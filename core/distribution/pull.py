@@ -27,6 +27,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -285,12 +286,14 @@ class Puller:
 
     def _download(self, repo: Repository, desc: mf.Descriptor, spool: Spool) -> None:
         sid = short(desc.digest)
+        started = time.monotonic()
         try:
             self._download_into(repo, desc, spool, sid)
         except BaseException as e:
             spool.finish(e)
             return
         spool.finish()
+        log.info("layer %s downloaded in %.2fs", sid, time.monotonic() - started)
 
     def _download_into(self, repo: Repository, desc: mf.Descriptor, spool: Spool, sid: str) -> None:
         if self.cancel.is_set():
@@ -431,9 +434,11 @@ class Puller:
         spools: dict[str, Spool] = {}
         scratch: dict[str, Path] = {}
         unpacked: dict[str, Future[tuple[str, int]]] = {}
-        workers = min(len(jobs), (os.cpu_count() or 2) + 1)
+        workers = min(len(jobs), max(2, os.cpu_count() or 2))
         downloads = ThreadPoolExecutor(MAX_CONCURRENT_DOWNLOADS, thread_name_prefix="pull")
         unpackers = ThreadPoolExecutor(workers, thread_name_prefix="unpack")
+
+        t0 = time.monotonic()
 
         def unpack(desc: mf.Descriptor, sp: Spool, target: Path) -> tuple[str, int]:
             sid = short(desc.digest)
@@ -441,11 +446,18 @@ class Puller:
             def on_read(pos: int) -> None:
                 self.progress.update("Extracting", sid, pos, desc.size)
 
+            started = time.monotonic()
             reader = sp.reader(on_read)
             try:
                 return unpack_compressed(reader, target, "overlay")
             finally:
                 reader.close()
+                log.info(
+                    "layer %s unpacked in %.2fs (started at +%.2fs)",
+                    sid,
+                    time.monotonic() - started,
+                    started - t0,
+                )
 
         try:
             for n, (_i, desc) in enumerate(jobs):
@@ -492,7 +504,14 @@ class Puller:
                     _move_tree(src, target[0])
                     return archive.ApplyResult(diff_id, size)
 
+                moving = time.monotonic()
                 info = self._apply(lease, None, parent, diff_ids[i], desc, None, move_in)
+                log.info(
+                    "layer %s committed at +%.2fs (move and commit %.2fs)",
+                    sid,
+                    time.monotonic() - t0,
+                    time.monotonic() - moving,
+                )
                 used.add(desc.digest)
                 self.content.keep(sp.path, desc.digest, info.diff_id, desc.media_type, desc.size)
                 self.content.add_repo(desc.digest, f"{res.repo.endpoint.host}/{res.repo.path}")

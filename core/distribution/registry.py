@@ -463,6 +463,7 @@ class Repository:
         headers: Mapping[str, str] | None = None,
         body: bytes | Any | None = None,
         timeout: float | None = CONNECT_TIMEOUT * 4,
+        retry: bool = True,
     ) -> Response:
         """An authorised request (after :meth:`ping`). A 401 is turned into
         :class:`Unauthorized` with Docker's message."""
@@ -475,12 +476,16 @@ class Repository:
             data = resp.read()
             resp.close()
             header = resp.header("WWW-Authenticate") or ""
-            if header and not self._authz and body is None:
-                # a registry that challenges only on the repository URL
-                self._challenge = parse_challenge(header)
-                self._authorize()
-                if self._authz:
-                    return self.request(method, url, headers, body, timeout)
+            resendable = body is None or isinstance(body, bytes)
+            if header and retry and resendable:
+                # a registry that challenges only on the repository URL, or a bearer
+                # token that expired during a long pull: authorise again, once
+                before = self._authz
+                with self._lock:
+                    self._challenge = parse_challenge(header)
+                    self._authorize()
+                if self._authz and (self._authz != before or self._challenge[0] == "bearer"):
+                    return self.request(method, url, headers, body, timeout, retry=False)
             raise self.unauthorized(method, url, data)
         return resp
 
