@@ -23,7 +23,7 @@ import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 from pallet import archive, reference
 from pallet.errors import InvalidArgument, NotFound
@@ -143,7 +143,7 @@ def _layer_file(graph: Graph, content: Content, info: LayerInfo) -> tuple[Any, s
             def flush(self) -> None:
                 pass
 
-        layer_tar(graph, info, W())
+        layer_tar(graph, info, cast(BinaryIO, W()))
     f.seek(0)
     return f, "sha256:" + h.hexdigest(), size
 

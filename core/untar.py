@@ -50,10 +50,11 @@ def main() -> None:
     # --compressed: decompress and hash here too; report the diff ID
     try:
         with archive.decompressed(stdin) as raw:
-            head = raw.read(1)
-            size = _unpack(archive, archive._Prefixed(head, raw), whiteouts) if head else 0
-            raw.drain()
-            diff_id = "sha256:" + raw.hash.hexdigest()
+            hashing: Any = raw  # archive._Hashing: counts and hashes what is read
+            head = hashing.read(1)
+            size = _unpack(archive, archive._Prefixed(head, hashing), whiteouts) if head else 0
+            hashing.drain()
+            diff_id = "sha256:" + hashing.hash.hexdigest()
     except PalletError as e:
         _report({"error": e.message, "kind": "invalid"}, 1)
     except OSError as e:

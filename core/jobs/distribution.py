@@ -16,7 +16,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from pallet import reference
 from pallet.errors import Conflict, InvalidArgument, NotFound
@@ -251,7 +251,7 @@ class DistributionJobs:
 
         def work() -> None:
             try:
-                archives.save(graph, self.content, plan, Out())
+                archives.save(graph, self.content, plan, cast(BinaryIO, Out()))
             finally:
                 asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
 
