@@ -147,6 +147,7 @@ class NetworkRecord(BaseModel):
     options: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     ipam_options: dict[str, str] = Field(default_factory=dict)
+    ip_range: str = ""  # addresses are allocated from here (default: the whole subnet)
     predefined: bool = False
 
     @property
@@ -585,9 +586,8 @@ class Networks:
             raise InvalidArgument("pallet supports one IPv4 subnet per network")
         subnet_s = pools[0].Subnet if pools else ""
         gateway_s = pools[0].Gateway if pools else ""
-        if pools and pools[0].IPRange:
-            raise InvalidArgument("--ip-range is not supported by pallet")
-        if gateway_s and not subnet_s:
+        range_s = pools[0].IPRange if pools else ""
+        if (gateway_s or range_s) and not subnet_s:
             raise InvalidArgument("every ip-range or gateway must have a corresponding subnet")
         if subnet_s:
             try:
@@ -614,6 +614,17 @@ class Networks:
                 )
         else:
             gw = next(subnet.hosts())
+        ip_range = ""
+        if range_s:
+            try:
+                rng = ipaddress.IPv4Network(range_s, strict=False)
+            except ValueError:
+                raise InvalidArgument(
+                    f"invalid ip-range {range_s} : invalid CIDR address"
+                ) from None
+            if not rng.subnet_of(subnet):
+                raise InvalidArgument(f"invalid ip-range {range_s}: not within subnet {subnet}")
+            ip_range = str(rng)
         options = dict(req.Options or {})
         nid = secrets.token_hex(32)
         bridge = options.get("com.docker.network.bridge.name") or f"br-{nid[:12]}"
@@ -641,6 +652,7 @@ class Networks:
             options=options,
             labels=dict(req.Labels or {}),
             ipam_options=dict(ipam.Options or {}),
+            ip_range=ip_range,
         )
         return rec
 
@@ -710,7 +722,11 @@ class Networks:
                 "IPv4Address": f"{ep.address}/{ep.prefixlen}" if ep.address else "",
                 "IPv6Address": "",
             }
-        config = [{"Subnet": n.subnet, "Gateway": n.gateway}] if n.subnet else []
+        config: list[dict[str, str]] = []
+        if n.subnet:
+            config.append({"Subnet": n.subnet, "Gateway": n.gateway})
+            if n.ip_range:
+                config[0]["IPRange"] = n.ip_range
         return {
             "Name": n.name,
             "Id": n.id,
@@ -993,8 +1009,10 @@ class Networks:
                 address = want
             else:
                 address = ""
-                for host in subnet.hosts():
-                    if str(host) not in taken:
+                ends = {subnet.network_address, subnet.broadcast_address}
+                pool = ipaddress.IPv4Network(net.ip_range) if net.ip_range else subnet
+                for host in pool:
+                    if host not in ends and str(host) not in taken:
                         address = str(host)
                         break
                 if not address:

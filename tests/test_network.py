@@ -315,6 +315,12 @@ def test_user_networks_resolve_names_and_are_isolated(counted: Net) -> None:
     n.network_create(b, b_sub, "--gateway", f"{b_sub}.254")
     info = json.loads(n.d.cli("network", "inspect", b).stdout)[0]
     assert info["IPAM"]["Config"] == [{"Subnet": f"{b_sub}.0/24", "Gateway": f"{b_sub}.254"}]
+    r_sub = _subnet()
+    rng = f"rng-{n.tag}"
+    n.network_create(rng, r_sub, "--ip-range", f"{r_sub}.128/25")
+    out = n.run("--rm", "--network", rng, "busybox", "ip", "-o", "-4", "addr", "show", "eth0")
+    assert f"inet {r_sub}.128/24" in out.stdout
+    n.d.cli("network", "rm", rng)
     assert a in n.d.cli("network", "ls").stdout
     n.run("-d", "--name", "srv", "--network", a, "--network-alias", "webalias", "busybox", "sh",
           "-c", HTTPD.format(text="from-a"))  # fmt: skip
