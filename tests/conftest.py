@@ -263,3 +263,12 @@ def nothing_left_behind() -> Iterator[None]:
             with contextlib.suppress(OSError):
                 base.rmdir()  # the parent cgroups, empty now
     assert not leaks, "the test suite left things behind:\n" + "\n".join(leaks)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The devmapper QEMU guest (tests/test_devmapper_guest.py) takes minutes under TCG:
+    when its tests are selected, boot it now so it runs while the rest of the suite does."""
+    if any(i.nodeid.startswith("tests/test_devmapper_guest.py") for i in session.items):
+        from tests import test_devmapper_guest
+
+        test_devmapper_guest.start_early()

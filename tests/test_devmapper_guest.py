@@ -15,7 +15,11 @@ from pallet.testing.conformance import DriverConformance
 
 from tests.qemu import guest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    # the guest runs ~15 tests and a daemon under TCG: beyond the suite's hang guard
+    pytest.mark.timeout(3600),
+]
 
 REPO = Path(__file__).resolve().parent.parent
 CONFORMANCE = sorted(n for n in dir(DriverConformance) if n.startswith("test_"))
@@ -35,12 +39,40 @@ export PYTHONDONTWRITEBYTECODE=1 PALLET_UNPACK_IN_PROCESS=1
 """
 
 
+_EARLY: dict[str, Any] = {}
+
+
+def start_early() -> None:
+    """Boot the guest now, in the background (tests/conftest.py calls this once the
+    session is collected and this module's tests are selected): it runs while the rest
+    of the suite does, and :func:`guest_run` only waits for it."""
+    if _EARLY or guest.missing() is not None:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="pallet-guest-"))
+    run = guest.GuestRun(SCRIPT, work).start()
+    _EARLY.update(run=run, work=work)
+
+    def stop() -> None:  # the session ended without the fixture (deselected, -x...)
+        run.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+    atexit.register(stop)
+
+
 @pytest.fixture(scope="module")
 def guest_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     why = guest.missing()
     assert why is None, f"the devmapper guest cannot boot: {why} (scripts/install installs it)"
-    work = tmp_path_factory.mktemp("guest")
-    res = guest.run_in_guest(SCRIPT, work)
+    if _EARLY:
+        run, work = _EARLY["run"], _EARLY["work"]
+    else:
+        work = tmp_path_factory.mktemp("guest")
+        run = guest.GuestRun(SCRIPT, work).start()
+    res = run.wait()
     print(res.output[-6000:])  # the guest's pytest report, shown with -s or on failure
     outcomes: dict[str, str] = {}
     junit = work / "exchange" / "junit.xml"

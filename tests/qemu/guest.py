@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import glob
 import gzip
-import io
 import os
 import shutil
 import subprocess
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,73 +160,98 @@ class GuestResult:
     wall_seconds: float
 
 
+class GuestRun:
+    """A guest booted with :meth:`start`, running in the background until :meth:`wait`."""
+
+    def __init__(self, script: str, workdir: Path, memory: str = "1G", cpus: int = 2) -> None:
+        import hashlib
+
+        version = kernel_version()
+        if version is None:
+            raise RuntimeError(missing() or "no guest kernel")
+        workdir.mkdir(parents=True, exist_ok=True)
+        tag = hashlib.sha256((version + INIT + " ".join(MODULES)).encode()).hexdigest()[:12]
+        initrd = workdir / f"initramfs-{tag}.gz"
+        if not initrd.exists():
+            build_initramfs(version, initrd)
+        self.exchange = workdir / "exchange"
+        self.exchange.mkdir(exist_ok=True)
+        (self.exchange / "cmd.sh").write_text(script)
+        for f in ("status", "output", "booted"):
+            (self.exchange / f).unlink(missing_ok=True)
+        self.console = workdir / "console.log"
+        self.argv = [
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-m",
+            memory,
+            "-smp",
+            str(cpus),
+            "-nodefaults",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-serial",
+            f"file:{self.console}",
+            "-kernel",
+            f"/boot/vmlinuz-{version}",
+            "-initrd",
+            str(initrd),
+            "-append",
+            "console=ttyS0 panic=-1 quiet loglevel=3",
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,id=hostroot",
+            "-virtfs",
+            f"local,path={self.exchange},mount_tag=exchange,security_model=passthrough,id=exchange",
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+
+    def start(self) -> GuestRun:
+        self.started = time.monotonic()
+        with open(self.console.with_suffix(".err"), "wb") as err:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+            )
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def wait(self) -> GuestResult:
+        assert self.proc is not None, "start() first"
+        try:
+            rc = self.proc.wait()
+        except BaseException:
+            self.kill()
+            raise
+        wall = time.monotonic() - self.started
+
+        def read(name: str) -> str:
+            try:
+                return (self.exchange / name).read_text()
+            except FileNotFoundError:
+                return ""
+
+        status_text = read("status").strip()
+        booted = read("booted").strip()
+        cons = self.console.read_text(errors="replace") if self.console.exists() else ""
+        if rc != 0:
+            err = self.console.with_suffix(".err")
+            cons += f"\nqemu exited {rc}: {err.read_text(errors='replace') if err.exists() else ''}"
+        return GuestResult(
+            status=int(status_text) if status_text else None,
+            output=read("output"),
+            console=cons,
+            boot_seconds=float(booted) if booted else None,
+            wall_seconds=wall,
+        )
+
+
 def run_in_guest(script: str, workdir: Path, memory: str = "1G", cpus: int = 2) -> GuestResult:
     """Boot, run ``script`` (sh) in the guest with the host's root, power off. Files the
     script writes under ``/mnt`` land in ``workdir/exchange``."""
-    version = kernel_version()
-    if version is None:
-        raise RuntimeError(missing() or "no guest kernel")
-    workdir.mkdir(parents=True, exist_ok=True)
-    import hashlib
-
-    tag = hashlib.sha256((version + INIT + " ".join(MODULES)).encode()).hexdigest()[:12]
-    initrd = workdir / f"initramfs-{tag}.gz"
-    if not initrd.exists():
-        build_initramfs(version, initrd)
-    exchange = workdir / "exchange"
-    exchange.mkdir(exist_ok=True)
-    (exchange / "cmd.sh").write_text(script)
-    for f in ("status", "output", "booted"):
-        (exchange / f).unlink(missing_ok=True)
-    console = workdir / "console.log"
-    argv = [
-        "qemu-system-x86_64",
-        "-accel",
-        "tcg",
-        "-m",
-        memory,
-        "-smp",
-        str(cpus),
-        "-nodefaults",
-        "-no-reboot",
-        "-display",
-        "none",
-        "-serial",
-        f"file:{console}",
-        "-kernel",
-        f"/boot/vmlinuz-{version}",
-        "-initrd",
-        str(initrd),
-        "-append",
-        "console=ttyS0 panic=-1 quiet loglevel=3",
-        "-virtfs",
-        "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,id=hostroot",
-        "-virtfs",
-        f"local,path={exchange},mount_tag=exchange,security_model=passthrough,id=exchange",
-    ]
-    start = time.monotonic()
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    wall = time.monotonic() - start
-
-    def read(name: str) -> str:
-        try:
-            return (exchange / name).read_text()
-        except FileNotFoundError:
-            return ""
-
-    status_text = read("status").strip()
-    booted = read("booted").strip()
-    cons = console.read_text(errors="replace") if console.exists() else ""
-    if proc.returncode != 0:
-        cons += f"\nqemu exited {proc.returncode}: {proc.stderr}"
-    return GuestResult(
-        status=int(status_text) if status_text else None,
-        output=read("output"),
-        console=cons,
-        boot_seconds=float(booted) if booted else None,
-        wall_seconds=wall,
-    )
-
-
-def _unused() -> None:  # keep imports used by optional paths
-    _ = (io, tarfile)
+    return GuestRun(script, workdir, memory, cpus).start().wait()
