@@ -5,6 +5,7 @@ changes, message and author), run the committed image, export, on one daemon."""
 from __future__ import annotations
 
 import tarfile
+import time
 from typing import Any
 
 
@@ -88,6 +89,33 @@ def scenario(d: Any) -> None:
     assert "bin/ls" not in {n.lstrip("./") for n in names}
     out_path.unlink()
     d.cli("rm", "work")
+
+    # a running container: diff and commit while it runs (docker pauses; the layer is
+    # taken from the live filesystem)
+    d.cli(
+        "run",
+        "-d",
+        "--name",
+        "live",
+        "--network",
+        "none",
+        "busybox",
+        "sh",
+        "-c",
+        "echo r > /running; exec sleep 1000",
+    )
+    for _ in range(600):
+        _, changes = d.api("GET", "/containers/live/changes")
+        if {"Path": "/running", "Kind": 1} in (changes or []):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the running container's change never showed: {changes}")
+    d.cli("commit", "live", "live:img")
+    r = d.cli("run", "--rm", "--network", "none", "live:img", "cat", "/running")
+    assert r.stdout == "r\n"
+    d.cli("rm", "-f", "live")
+    d.cli("rmi", "live:img")
     code, err = d.api("GET", "/containers/work/changes")
     assert code == 404, err
     code, err = d.api("POST", "/commit?container=nope")

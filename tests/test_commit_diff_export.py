@@ -135,3 +135,45 @@ def test_kill_during_commit_leaves_no_half_layer(
     # and the container is still there, committable
     code, res = d.api("POST", "/commit?container=big&repo=whole&tag=t")
     assert code == 201, res
+
+
+def test_docker_cli_and_sdk_diff_commit_export(daemon: Daemon, tmp_path: Path) -> None:
+    """The real docker CLI and the docker Python SDK against pallet."""
+    import shutil
+    import subprocess
+    import tarfile
+
+    docker_bin = shutil.which("docker") or "/usr/local/bin/docker"
+    (tmp_path / "cfg").mkdir()
+    env = {**os.environ, "DOCKER_CONFIG": str(tmp_path / "cfg"), "DOCKER_HOST": daemon.host}
+    env.pop("DOCKER_CONTEXT", None)
+
+    def docker(*args: str) -> str:
+        r = subprocess.run([docker_bin, *args], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, f"docker {args}: {r.stderr}"
+        return r.stdout
+
+    docker("run", "--name", "dk", "--network", "none", "busybox", "sh", "-c", "echo v > /made")
+    assert "A /made" in docker("diff", "dk").splitlines()
+    image_id = docker("commit", "--change", "ENV FROM_DOCKER=1", "-m", "via docker", "dk", "dk:img")
+    assert image_id.strip().startswith("sha256:")
+    assert "FROM_DOCKER=1" in docker("inspect", "-f", "{{.Config.Env}}", "dk:img")
+    docker("export", "-o", str(tmp_path / "dk.tar"), "dk")
+    with tarfile.open(tmp_path / "dk.tar") as tf:
+        assert "made" in {n.lstrip("./") for n in tf.getnames()}
+
+    import docker as docker_sdk
+
+    client = docker_sdk.DockerClient(base_url=daemon.host)
+    try:
+        c = client.containers.get("dk")
+        assert {"Path": "/made", "Kind": 1} in c.diff()
+        img = c.commit(repository="sdk", tag="v1", message="via sdk", author="sdk")
+        assert img.attrs["Comment"] == "via sdk" and img.attrs["Author"] == "sdk"
+        data = b"".join(c.export())
+        assert len(data) > 1000
+        client.images.remove("sdk:v1")
+    finally:
+        client.close()
+    docker("rm", "dk")
+    docker("rmi", "dk:img")
