@@ -56,6 +56,13 @@ def test_pallet_info_lists_plugin(hello_installed: None, make_daemon) -> None:  
     plugins = {p["Name"]: p for p in info["PalletPlugins"]}
     assert plugins["hello"]["State"] == "loaded"
     assert (
-        plugins["storage_devmapper"]["State"] == "skipped"
-        and plugins["storage_devmapper"]["Reason"]
+        plugins["hello_skip"]["State"] == "skipped"
+        and plugins["hello_skip"]["Reason"] == "needs the hello hardware"
     )
+    assert "hello_skip" in out and "needs the hello hardware" in out
+    # A driver whose probe fails here is reported with its reason, the daemon runs on.
+    drivers = {(d["Kind"], d["Name"]): d for d in info["PalletDrivers"]}
+    assert drivers[("storage", "vfs")]["State"] == "selected"
+    devmapper = drivers[("storage", "devmapper")]
+    assert devmapper["State"] == "skipped" and "device-mapper" in devmapper["Reason"]
+    assert "Pallet Drivers:" in out and "device-mapper" in out

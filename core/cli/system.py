@@ -10,6 +10,21 @@ from pallet.cli._common import _client, _fail
 from pallet.cli.format import _go_str, _render, _template, bytes_size
 
 
+def _status_table(lines: list[str], title: str, rows: Any, keys: tuple[str, ...]) -> None:
+    """pallet's own info sections: one line per plugin or driver, its state and why."""
+    if not isinstance(rows, list) or not rows:
+        return
+    rows = [r for r in rows if isinstance(r, dict)]
+    widths = [max(len(str(r.get(k, ""))) for r in rows) for k in keys]
+    lines.append(f" {title}:")
+    for r in rows:
+        cells = "  ".join(str(r.get(k, "")).ljust(w) for k, w in zip(keys, widths, strict=True))
+        text = f"  {cells}  {r.get('State', '')}"
+        if r.get("Reason"):
+            text += f" ({r['Reason']})"
+        lines.append(text)
+
+
 def _kv(lines: list[str], indent: int, key: str, value: Any) -> None:
     if value is None or value == "":
         return
@@ -42,17 +57,8 @@ def format_info(info: dict[str, Any], host: str) -> str:
         for kind in ("Volume", "Network", "Authorization", "Log"):
             if plugins.get(kind):
                 lines.append(f"  {kind}: {' '.join(plugins[kind])}")
-    pallet_plugins = info.get("PalletPlugins")
-    if isinstance(pallet_plugins, list) and pallet_plugins:
-        lines.append(" Pallet Plugins:")
-        width = max(len(str(p.get("Name", ""))) for p in pallet_plugins if isinstance(p, dict))
-        for p in pallet_plugins:
-            if not isinstance(p, dict):
-                continue
-            text = f"  {str(p.get('Name', '')).ljust(width)}  {p.get('State', '')}"
-            if p.get("Reason"):
-                text += f" ({p['Reason']})"
-            lines.append(text)
+    _status_table(lines, "Pallet Plugins", info.get("PalletPlugins"), ("Name",))
+    _status_table(lines, "Pallet Drivers", info.get("PalletDrivers"), ("Kind", "Name"))
     runtimes = info.get("Runtimes")
     if isinstance(runtimes, dict) and runtimes:
         _kv(lines, 1, "Runtimes", " ".join(sorted(runtimes)))
