@@ -27,7 +27,8 @@ from pydantic import ValidationError
 log = logging.getLogger("pallet.daemon")
 
 # Without a configured driver: the one that already has state, else the first that works.
-STORAGE_PREFERENCE = ["overlay", "btrfs", "devmapper", "vfs"]
+# devmapper is never picked by itself (as in Docker: its default pool is loop files).
+STORAGE_PREFERENCE = ["overlay", "btrfs", "vfs"]
 
 
 class StartupError(Exception):
