@@ -302,10 +302,9 @@ asyncio.run(main())
     assert launcher.returncode == 0, launcher.stderr
     init_pid = int(launcher.stdout)
     spid = shim_pid(bundle)
+    # The launcher is gone and the shim lives on. (Its parent may be this test process:
+    # backend tests that run in-process make it a child subreaper.)
     assert spid is not None and alive(spid)
-    with open(f"/proc/{spid}/stat") as f:
-        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-    assert ppid != os.getpid()
 
     async def go() -> ExitStatus:
         out = Output()
