@@ -9,6 +9,7 @@ veths, rules and leases before and after: equal.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -510,7 +511,16 @@ def test_prune(counted: Net) -> None:
     n = counted
     used, unused = f"used-{n.tag}", f"unused-{n.tag}"
     n.network_create(used, _subnet())
-    n.network_create(unused, _subnet())
+    # Without --subnet: the first pool subnet that overlaps no network and no route.
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    n.d.cli("network", "create", unused)
+    auto = n.d.api("GET", f"/networks/{unused}")[1]["IPAM"]["Config"][0]
+    pool = ipaddress.ip_network(auto["Subnet"])
+    assert ipaddress.ip_address(auto["Gateway"]) in pool
+    for line in routes.splitlines():
+        dst = line.split()[0]
+        if dst != "default":
+            assert not pool.overlaps(ipaddress.ip_network(dst, strict=False)), line
     n.d.cli("create", "--name", "holder", "--network", used, "busybox", "true")
     out = n.d.cli("network", "prune", "-f").stdout
     assert out == f"Deleted Networks:\n{unused}\n"
