@@ -302,6 +302,22 @@ def _dns_answer(query: bytes, qend: int, rcode: int, addresses: list[str]) -> by
     return out
 
 
+def _dns_ptr_answer(query: bytes, qend: int, names: list[str]) -> bytes:
+    qid = query[:2]
+    rd = query[2] & 0x01
+    flags = 0x8000 | 0x0400 | (rd << 8) | 0x0080
+    out = qid + struct.pack("!HHHHH", flags, 1, len(names), 0, 0) + query[12:qend]
+    for name in names:
+        rdata = b"".join(
+            bytes([len(label)]) + label.encode("ascii", "replace")
+            for label in name.split(".")
+            if label
+        )
+        rdata += b"\x00"
+        out += struct.pack("!HHHIH", 0xC00C, 12, 1, 600, len(rdata)) + rdata
+    return out
+
+
 class _DNSServer(asyncio.DatagramProtocol):
     """The embedded resolver of one container over UDP (its socket lives in the
     container's netns)."""
@@ -1526,11 +1542,29 @@ class Networks:
         if q is None:
             return None
         name, qtype, qend = q
+        if qtype == 12 and name.endswith(".in-addr.arpa"):
+            names = self.resolve_address(cid, name[: -len(".in-addr.arpa")])
+            if names:
+                return _dns_ptr_answer(data, qend, names)
         found = self.resolve_name(cid, name)
         if found:
             return _dns_answer(data, qend, 0, found if qtype in (1, 255) else [])
         forwarded = await self.forward_dns(cid, data)
         return forwarded or _dns_answer(data, qend, 2, [])
+
+    def resolve_address(self, cid: str, reversed_ip: str) -> list[str]:
+        """PTR: ``<name>.<network>`` of the container owning the address on a network
+        the asking container shares (``reversed_ip``: "2.0.18.172")."""
+        address = ".".join(reversed(reversed_ip.split(".")))
+        mine = {
+            ep.network_id
+            for ep in self.eps.values()
+            if ep.container_id == cid and not self.nets[ep.network_id].predefined
+        }
+        for ep in self.eps.values():
+            if ep.network_id in mine and ep.address == address:
+                return [f"{self._container_name(ep.container_id)}.{self.nets[ep.network_id].name}"]
+        return []
 
     def resolve_name(self, cid: str, name: str) -> list[str]:
         """Addresses of ``name`` (container name, alias or short ID) on the user-defined

@@ -339,6 +339,8 @@ def test_user_networks_resolve_names_and_are_isolated(counted: Net) -> None:
     r = n.run("--rm", "--network", a, "busybox", "sh", "-c", script, check=False)
     assert "nameserver 127.0.0.11" in r.stdout
     assert srv_ip in r.stdout
+    ptr = n.run("--rm", "--network", a, "busybox", "nslookup", srv_ip, check=False)
+    assert f"name = srv.{a}" in ptr.stdout, ptr.stdout + ptr.stderr  # reverse lookup
     assert r.stdout.count("from-a") == 2, r.stdout + r.stderr
     # Other names go to the upstream resolvers (here the test's, on 127.0.0.1); unknown
     # names are not invented.
