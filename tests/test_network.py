@@ -587,8 +587,10 @@ def test_restart_keeps_addresses_and_crash_cleans(counted: Net) -> None:
 
 
 def test_iptables_false_programs_nothing(make_daemon: Any, busybox_tar: Path) -> None:
-    d = make_daemon(extra=["--no-iptables", "--bip", f"{_subnet()}.1/24"])
+    d = make_daemon(extra=["--no-iptables", "--bip", f"{_subnet()}.1/24", "--mtu", "1400"])
     d.import_busybox(busybox_tar)
+    mtu = d.cli("run", "--rm", "busybox", "cat", "/sys/class/net/eth0/mtu").stdout.strip()
+    assert mtu == "1400"  # the daemon's mtu, on the container's end of the veth
     port = free_port()
     d.cli("run", "-d", "--name", "plain", "-p", f"{port}:80", "busybox", "sleep", "600")
     ns = d.api("GET", "/containers/plain/json")[1]["NetworkSettings"]
