@@ -207,7 +207,11 @@ def main() -> None:
             procs.append(palletd)
             run_dirs.append(f"/run/bench-pull-{name}-{tag}")
             wait_socket(psock, palletd, "palletd")
-            return {**os.environ, "PALLET_HOST": f"unix://{psock}"}
+            return {
+                **os.environ,
+                "PALLET_HOST": f"unix://{psock}",
+                "BENCH_DAEMON_PID": str(palletd.pid),
+            }
 
         penv = start_palletd("pallet", {})
         senv = (
@@ -232,15 +236,28 @@ def main() -> None:
             **os.environ,
             "DOCKER_HOST": f"unix://{dsock}",
             "DOCKER_CONFIG": str(tmp / "docker-config"),
+            "BENCH_DAEMON_PID": str(dockerd.pid),
         }
+
+        def cpu(pid: str) -> float:
+            """CPU seconds of a daemon and of its children it has waited for."""
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
         def timed(cmd: list[str], env: dict[str, str], rm: list[str]) -> float:
             subprocess.run(["sync"], check=True)
+            c0 = cpu(env["BENCH_DAEMON_PID"])
             t0 = time.monotonic()
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             dt = time.monotonic() - t0
+            used = cpu(env["BENCH_DAEMON_PID"]) - c0
             if r.returncode != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr}")
+            if args.verbose:
+                print(
+                    f"  {cmd[0].rsplit('/', 1)[-1]}: {dt:.2f} s, daemon CPU {used:.2f} s",
+                    flush=True,
+                )
             subprocess.run(rm, env=env, check=True, capture_output=True)
             return dt
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import tarfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -418,3 +419,40 @@ def test_cli_progress_bars_on_a_tty(make_daemon: Any, registry: Registry, layout
     plain = d.cli("pull", ref).stdout
     assert "\x1b[" not in plain
     assert ": Pull complete" in plain
+
+
+def test_client_going_away_cancels_the_pull(
+    make_daemon: Any, registry: Registry, tmp_path: Path
+) -> None:
+    """Closing the connection mid-pull stops it: nothing stays, the daemon serves, and
+    the pull then completes."""
+    lay = tmp_path / "lay"
+    files: dict[str, bytes | None] = {f"c{i}": os.urandom(4096) for i in range(400)}
+    umoci_image(lay, "gone", [_tar(files, tmp_path / "gone.tar")])
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        f"oci:{lay}:gone",
+        f"docker://{registry.host}/cancel/img:gone",
+    )
+    proxy = SlowProxy(registry.port, rate=256 * 1024)
+    try:
+        d = make_daemon(storage_driver="overlay")
+        conn = http.client.HTTPConnection("localhost", timeout=120)
+        conn.sock = socket.socket(socket.AF_UNIX)
+        conn.sock.connect(d.sock)
+        conn.request("POST", f"/images/create?fromImage={proxy.host}/cancel/img&tag=gone")
+        resp = conn.getresponse()
+        while line := resp.readline():
+            if b"Downloading" in line:
+                break
+        conn.close()
+        root = Path(d.data_root) / "image" / "overlay" / "distribution"
+        while list((root / "tmp").iterdir()):  # the pull notices at its next progress line
+            time.sleep(0.1)
+        assert list((root / "tmp").iterdir()) == []
+        assert d.api("GET", "/images/json")[1] == []
+        d.cli("pull", f"{registry.host}/cancel/img:gone")
+        assert len(d.api("GET", "/images/json")[1]) == 1
+    finally:
+        proxy.close()
