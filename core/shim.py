@@ -73,6 +73,7 @@ READ_SIZE = 64 * 1024
 HIGH_WATER = 1 << 20  # a client this far behind pauses the container's output
 DRAIN_TIMEOUT = 2.0  # after the init exits, how long to wait for the pipes to close
 FLUSH_TIMEOUT = 5.0  # how long to try to hand the exit event to clients
+LIVENESS_INTERVAL = 1.0  # how often an idle monitor checks that its init is its child
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NAME = 15
@@ -388,7 +389,12 @@ class Monitor:
                 if p.drain_deadline is not None
             ]
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
-            for key, mask in self.sel.select(timeout):
+            if timeout is None and self.started:
+                timeout = LIVENESS_INTERVAL  # see check_init
+            events = self.sel.select(timeout)
+            if not events:
+                self.check_init()
+            for key, mask in events:
                 data = key.data
                 if isinstance(data, _Output):
                     self.read_output(data)
@@ -426,6 +432,31 @@ class Monitor:
                 proc = self.execs[pid]
                 proc.exit_code = code
                 proc.drain_deadline = time.monotonic() + DRAIN_TIMEOUT
+            else:
+                _trace(f"reaped {pid} (status {status})")
+
+    def check_init(self) -> None:
+        """A safety net: the init must be our child (we are its subreaper); if it is
+        not, its exit would never be seen. Record what can be known instead of hanging."""
+        pid = self.init.pid
+        if pid <= 0 or self.init.exit_code is not None:
+            return
+        try:  # WNOWAIT: look, do not reap (reap() does that, with the status)
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            alive = os.path.exists(f"/proc/{pid}")
+            print(
+                f"shim: the container init {pid} is not our child (alive: {alive})",
+                file=sys.stderr,
+                flush=True,
+            )
+            if not alive:
+                self.finished_at = now_rfc3339()
+                self.init.exit_code = 255
+                self.start_error = self.start_error or ExecError(
+                    "the container's exit status was lost (its init was not the monitor's child)",
+                    255,
+                )
 
     # --- output -------------------------------------------------------------------------
 
