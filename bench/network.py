@@ -113,6 +113,7 @@ def main() -> None:
             bridge,
             "--bip",
             f"{sub}.1/24",
+            "--debug",  # the daemon logs how long each join and release took
         ],
         stdout=subprocess.DEVNULL,
         stderr=open(tmp / "palletd.log", "wb"),
@@ -159,6 +160,18 @@ def main() -> None:
             print(
                 f"  {label} setup adds {extra:6.1f} ms "
                 f"(ratio to none: {med[mode] / med['none']:.2f})"
+            )
+
+        # The daemon's own account (less sensitive to a loaded machine than `run`).
+        import re
+
+        log = (tmp / "palletd.log").read_text()
+        joins = [float(x) for x in re.findall(r"1 endpoint\(s\) joined in ([0-9.]+) ms", log)]
+        releases = [float(x) for x in re.findall(r"1 endpoint\(s\) released in ([0-9.]+) ms", log)]
+        if joins and releases:
+            print(
+                f"  in the daemon: join median {statistics.median(joins):.1f} ms, release "
+                f"median {statistics.median(releases):.1f} ms ({len(joins)} containers)"
             )
 
         # --- published-port throughput ---------------------------------------------------
