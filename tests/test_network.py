@@ -37,7 +37,18 @@ HTTPD = "mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 80 -
 
 
 def _subnet() -> str:
-    return f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
+    """A random 10.x.y (/24) that no route of the host covers yet."""
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    taken = [
+        ipaddress.ip_network(line.split()[0], strict=False)
+        for line in routes.splitlines()
+        if line and line.split()[0] != "default"
+    ]
+    while True:
+        prefix = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
+        net = ipaddress.ip_network(f"{prefix}.0/24")
+        if not any(net.overlaps(t) for t in taken):
+            return prefix
 
 
 def free_port() -> int:
