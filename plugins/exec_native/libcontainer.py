@@ -221,6 +221,7 @@ class NativeBackend(ExecBackend):
         os.close(sync_r)
         created = _Created(0, str(bundle), sync_w, status_r)
         init_pid = 0
+        ready = False
         error: dict[str, Any] | None = None
         try:
             while True:
@@ -230,11 +231,17 @@ class NativeBackend(ExecBackend):
                     break
                 if "pid" in msg:
                     init_pid = created.pid = int(msg["pid"])
+                    if ready:
+                        break
                 elif "error" in msg:
                     error = msg
                     break
                 elif msg.get("ready"):
-                    break
+                    # The init and the intermediate share the pipe: "ready" can come
+                    # before the intermediate got to report the pid. Both are needed.
+                    ready = True
+                    if init_pid:
+                        break
         except (OSError, ValueError) as e:
             error = {"error": f"reading the container init's status: {e}", "code": 125}
         finally:
