@@ -171,7 +171,10 @@ def test_exec_in_running_container(tmp_path: Path, backend: str) -> None:
             res["missing"] = (info.value.exit_code, info.value.message)
             # a tty exec
             tout = Output()
-            tp = dict(process, args=["sh", "-c", "stty size; tty"], terminal=True)
+            # crun 1.8 ignores consoleSize on exec: the monitor sizes the pty when it
+            # gets it, which may be just after the process started
+            wait = "sleep 0.3; " if backend == CRUN else ""
+            tp = dict(process, args=["sh", "-c", f"{wait}stty size; tty"], terminal=True)
             tp["consoleSize"] = {"height": 12, "width": 34}
             tex = await ShimClient.exec(bundle, "e3", tp, False, tout)
             res["pids"].append(tex.pid)

@@ -25,6 +25,9 @@ from .conftest import PALLET, Daemon
 DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
 BACKENDS = ["native", "runc", "crun"]
 GUARD = 120.0  # seconds: only turns a hang into a failure
+# crun 1.8 ignores process.consoleSize on exec and runs the process as soon as it has
+# handed over the pty, which the monitor sizes right then: give it that moment.
+CRUN_WAIT = {"native": "", "runc": "", "crun": "sleep 0.3; "}
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -230,7 +233,11 @@ def test_exec_it_and_resize_api(runtime: str, d: Daemon, envs: dict[str, dict[st
     try:
         for kind in ("docker", "pallet"):
             p = run_pty(
-                kind, envs, ["exec", "-it", name, "sh", "-c", "stty size; tty; exit 7"], 15, 45
+                kind,
+                envs,
+                ["exec", "-it", name, "sh", "-c", f"{CRUN_WAIT[runtime]}stty size; tty; exit 7"],
+                15,
+                45,
             )
             assert p.wait() == 7, p.text()
             assert "15 45\r\n" in p.text() and "/dev/pts/" in p.text()

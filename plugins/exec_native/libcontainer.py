@@ -339,6 +339,7 @@ class _Plan:
     caps: capabilities.CapSets | None = None  # see _harden
     seccomp_bpf: bytes | None = None
     terminal: bool = False  # process.terminal: a pty, see _setup_terminal
+    console_size: tuple[int, int] | None = None  # process.consoleSize (rows, columns)
 
     @classmethod
     def from_spec(cls, bundle: Path, spec: dict[str, Any]) -> _Plan:
@@ -346,6 +347,9 @@ class _Plan:
             plan = cls._from_spec(bundle, spec)
             _harden(plan, spec)
             plan.terminal = bool((spec.get("process") or {}).get("terminal"))
+            size = (spec.get("process") or {}).get("consoleSize") or {}
+            if size.get("height") and size.get("width"):
+                plan.console_size = (int(size["height"]), int(size["width"]))
             return plan
         except ExecError:
             raise
@@ -1031,6 +1035,9 @@ def _setup_terminal(init: _Init) -> None:  # pragma: no cover - runs in the chil
         os.close(master)
     init.step = "make the terminal the controlling terminal"
     fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    if init.plan.console_size:  # before exec: the process must see its size at once
+        rows, cols = init.plan.console_size
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     for target in (0, 1, 2):
         os.dup2(slave, target)
     if slave > 2:

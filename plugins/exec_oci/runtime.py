@@ -31,6 +31,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -152,21 +153,34 @@ class OCIRuntime(ExecBackend):
         args: list[str],
         stdio: tuple[int, int, int] | None = None,
         command: str = "",
+        console: _ConsoleSocket | None = None,
     ) -> None:
-        """Run one runtime command; ExecError with the runtime's own message if it fails."""
+        """Run one runtime command; ExecError with the runtime's own message if it fails.
+        With ``console``, the pty master is taken (and sized) while the runtime runs."""
         log = bundle / f"{STATE_DIR}-{op}.log"
         with contextlib.suppress(FileNotFoundError):
             log.unlink()
         argv = self._argv(bundle, log, *args)
         try:
             if stdio is not None:
-                proc = subprocess.run(
+                running = subprocess.Popen(
                     argv,
                     stdin=stdio[0],
                     stdout=stdio[1],
                     stderr=stdio[2],
                     cwd=str(bundle),
                     preexec_fn=self._preexec,
+                )
+                if console is not None:
+                    try:
+                        console.receive(running)
+                    except BaseException:
+                        running.kill()
+                        running.wait()
+                        raise
+                running.wait()
+                proc: subprocess.CompletedProcess[bytes] = subprocess.CompletedProcess(
+                    argv, running.returncode
                 )
                 stderr = b""
             else:
@@ -210,7 +224,8 @@ class OCIRuntime(ExecBackend):
             tmp.replace(bundle / "config.json")
         args = ["create", "--bundle", str(bundle), "--pid-file", str(pid_file)]
         try:
-            with _ConsoleSocket(stdio.console) as console:
+            size = (spec.get("process") or {}).get("consoleSize")
+            with _ConsoleSocket(stdio.console, size) as console:
                 if console.path:
                     args += ["--console-socket", console.path]
                 null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -222,6 +237,7 @@ class OCIRuntime(ExecBackend):
                         [*args, bundle.name],
                         (stdin, stdio.stdout, stdio.stderr),
                         command,
+                        console,
                     )
                 finally:
                     os.close(null)
@@ -247,7 +263,7 @@ class OCIRuntime(ExecBackend):
             with os.fdopen(fd, "w") as f:
                 json.dump(process, f)
             args = ["exec", "--process", process_file, "--detach", "--pid-file", pid_file]
-            with _ConsoleSocket(stdio.console) as console:
+            with _ConsoleSocket(stdio.console, process.get("consoleSize")) as console:
                 if console.path:
                     args += ["--console-socket", console.path]
                 null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -259,6 +275,7 @@ class OCIRuntime(ExecBackend):
                         [*args, bundle.name],
                         (stdin, stdio.stdout, stdio.stderr),
                         str((process.get("args") or [""])[0]),
+                        console,
                     )
                 finally:
                     os.close(null)
@@ -390,14 +407,19 @@ def _read_pid(path: Path, runtime: str) -> int:
 
 
 class _ConsoleSocket:
-    """A listening unix socket for the runtime's ``--console-socket``; ``forward``
-    passes the pty master it receives on to the monitor's console socket ``target``."""
+    """A listening unix socket for the runtime's ``--console-socket``. ``receive`` takes
+    the pty master while the runtime still runs and sizes it at once (runtimes that do
+    not apply ``process.consoleSize`` themselves would otherwise let the process start
+    with a 0x0 terminal); ``forward`` passes it on to the monitor's console socket."""
 
-    def __init__(self, target: int | None) -> None:
+    def __init__(self, target: int | None, size: dict[str, int] | None = None) -> None:
         self.target = target
+        self.size = size or {}
         self.path = ""
         self._dir = ""
         self._sock: socket.socket | None = None
+        self._msg = b""
+        self._fds: list[int] = []
 
     def __enter__(self) -> _ConsoleSocket:
         if self.target is None:
@@ -410,30 +432,53 @@ class _ConsoleSocket:
         self._sock.listen(1)
         return self
 
+    def receive(self, runtime: subprocess.Popen[bytes] | None = None) -> None:
+        """Take the master (waiting while ``runtime`` runs); no-op without a terminal."""
+        import select
+
+        if self._sock is None or self._fds:
+            return
+        deadline = time.monotonic() + 60
+        while True:
+            ready, _, _ = select.select([self._sock], [], [], 0.05)
+            if ready:
+                break
+            if runtime is not None and runtime.poll() is not None:
+                ready, _, _ = select.select([self._sock], [], [], 0)
+                if not ready:
+                    return  # the runtime ended without connecting (it failed)
+                break
+            if time.monotonic() > deadline:
+                raise ExecError("the runtime did not connect to the console socket", 125)
+        conn, _ = self._sock.accept()
+        with conn:
+            conn.settimeout(30)
+            self._msg, fds, _flags, _addr = socket.recv_fds(conn, 4096, 4)
+        self._fds = list(fds)
+        if self._fds and self.size.get("height") and self.size.get("width"):
+            import fcntl
+            import struct
+            import termios
+
+            with contextlib.suppress(OSError):
+                winsize = struct.pack("HHHH", self.size["height"], self.size["width"], 0, 0)
+                fcntl.ioctl(self._fds[0], termios.TIOCSWINSZ, winsize)
+
     def forward(self) -> None:
         if self._sock is None or self.target is None:
             return
-        self._sock.settimeout(30)
-        try:
-            conn, _ = self._sock.accept()
-        except OSError as e:
-            raise ExecError(
-                f"the runtime did not connect to the console socket: {e}", 125
-            ) from None
-        with conn:
-            conn.settimeout(30)
-            msg, fds, _flags, _addr = socket.recv_fds(conn, 4096, 4)
-        if not fds:
+        self.receive()
+        if not self._fds:
             raise ExecError("the runtime sent no terminal on the console socket", 125)
-        try:
-            target = socket.socket(fileno=os.dup(self.target))
-            with target:
-                socket.send_fds(target, [msg or b"console"], fds[:1])
-        finally:
-            for fd in fds:
-                os.close(fd)
+        target = socket.socket(fileno=os.dup(self.target))
+        with target:
+            socket.send_fds(target, [self._msg or b"console"], self._fds[:1])
 
     def __exit__(self, *exc: object) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
         if self._sock is not None:
             self._sock.close()
         if self._dir:
