@@ -175,7 +175,10 @@ def run_guest(reps: int) -> None:
         print(f"\nguest: skipped ({why})")
         return
     script = (
-        f"cd {REPO} && PYTHONDONTWRITEBYTECODE=1 {sys.executable} bench/storage.py "
+        # in-process unpack for both drivers: a Python child per layer costs seconds
+        # under TCG and would drown what is measured
+        f"cd {REPO} && PYTHONDONTWRITEBYTECODE=1 PALLET_UNPACK_IN_PROCESS=1 "
+        f"{sys.executable} bench/storage.py "
         f"--in-guest -n {reps} --drivers devmapper,vfs > /mnt/bench.json"
     )
     with tempfile.TemporaryDirectory(prefix="pallet-bench-guest-") as tmp:

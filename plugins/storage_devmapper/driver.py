@@ -98,7 +98,7 @@ def _run(*argv: str, input: str | None = None) -> str:
 def _dm_available() -> str | None:
     if not os.path.exists("/dev/mapper/control"):
         return "device-mapper is not available (no /dev/mapper/control)"
-    for tool in ("dmsetup", "losetup", "thin_ls"):
+    for tool in ("dmsetup", "losetup", "thin_delta"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (dmsetup, util-linux, thin-provisioning-tools)"
     try:
@@ -439,21 +439,31 @@ class DevmapperDriver(StorageDriver):
             yield Info(key=row["key"], kind=Kind(row["kind"]), parent=row["parent"])
 
     def usage(self, key: str) -> Usage:
-        """Bytes of pool blocks only this device maps (``thin_ls`` on a metadata
-        snapshot, no quota needed); inodes are not counted (0): that needs a mount."""
-        dev_id = int(str(self._row(key)["dev_id"]))
+        """Bytes of the pool blocks this device maps differently from the device it was
+        snapshotted from (``thin_delta`` on a metadata snapshot: no quota needed, and a
+        layer's figure does not change when children share its blocks). Inodes are not
+        counted (0): that needs a mount."""
+        row = self._row(key)
+        dev_id = int(str(row["dev_id"]))
+        origin = BASE_DEV_ID
+        if row["parent"] is not None:
+            origin = int(str(self._row(str(row["parent"]))["dev_id"]))
         meta = self._metadata_device()
         with self._lock:
             self._message("reserve_metadata_snap")
             try:
-                out = _run("thin_ls", "--metadata-snap", "-o", "DEV,EXCLUSIVE_BYTES", meta)
+                out = _run(
+                    "thin_delta",
+                    "--metadata-snap",
+                    "--snap1",
+                    str(origin),
+                    "--snap2",
+                    str(dev_id),
+                    meta,
+                )
             finally:
                 self._message("release_metadata_snap")
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 2 and parts[0] == str(dev_id):
-                return Usage(size=int(parts[1]), inodes=0)
-        return Usage(size=0, inodes=0)
+        return Usage(size=thin_delta_bytes(out, parse_size(self.opts.blocksize)), inodes=0)
 
     def _metadata_device(self) -> str:
         table = _run("dmsetup", "table", self.pool).split()
@@ -508,6 +518,20 @@ class DevmapperDriver(StorageDriver):
                     _run("dmsetup", "remove", self.pool)
                 self._detach_loops()
             self.store.close()
+
+
+def thin_delta_bytes(xml_text: str, block_bytes: int) -> int:
+    """Bytes of the ``different`` and ``right_only`` ranges of ``thin_delta``'s output."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(xml_text)
+    sb = root if root.tag == "superblock" else root.find("superblock")
+    if sb is not None and sb.get("data_block_size"):
+        block_bytes = int(sb.get("data_block_size", "0")) * SECTOR or block_bytes
+    blocks = sum(
+        int(e.get("length", "0")) for e in root.iter() if e.tag in ("different", "right_only")
+    )
+    return blocks * block_bytes
 
 
 def _human(n: float) -> str:
