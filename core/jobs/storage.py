@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pallet.errors import InvalidArgument, NotFound
+from pallet.errors import InvalidArgument, NotFound, PalletError
 from pallet.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -88,17 +89,29 @@ class StorageJobs:
         body = job.body or {}
         if body and not isinstance(body, dict):
             raise InvalidArgument("the request body must be a container config object")
-        image_id = await asyncio.to_thread(
-            commit_container,
-            self.daemon,
-            c,
-            repo=repo,
-            tag=tag,
-            comment=job.getenv("comment") or "",
-            author=job.getenv("author") or "",
-            changes=changes,
-            config=body,
-        )
+        # as Docker: a running container is frozen while its layer is taken (pause=0: not)
+        lifecycle = getattr(self.daemon, "lifecycle", None)
+        pause = job.getenv("pause") not in ("0", "false", "False")
+        paused = False
+        if pause and c.running and not c.state.get("Paused") and lifecycle is not None:
+            await lifecycle.pause(c)
+            paused = True
+        try:
+            image_id = await asyncio.to_thread(
+                commit_container,
+                self.daemon,
+                c,
+                repo=repo,
+                tag=tag,
+                comment=job.getenv("comment") or "",
+                author=job.getenv("author") or "",
+                changes=changes,
+                config=body,
+            )
+        finally:
+            if paused:
+                with contextlib.suppress(PalletError):
+                    await lifecycle.unpause(c)
         return {"Id": image_id}
 
 
