@@ -266,3 +266,38 @@ def test_btrfs_usage_counts_rewritten_extents_only(tmp_path: Path, mounted: Moun
             assert d.usage(base).size == before
         finally:
             d.close()
+
+
+def test_conformance_suite_as_a_third_party_plugin(tmp_path: Path) -> None:
+    """What a third-party driver's test module does: subclass DriverConformance; the
+    pytest11 plugin provides the fixtures and ``--pallet-driver``."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_mine.py").write_text(
+        "from pallet.testing.conformance import DriverConformance\n\n\n"
+        "class TestMyConformance(DriverConformance):\n"
+        "    pass\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rA",
+            "--pallet-driver",
+            "vfs",
+            "-k",
+            "conformance and (lifecycle or whiteouts)",
+            str(tmp_path / "test_mine.py"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASSED test_mine.py::TestMyConformance::test_lifecycle_and_errors[vfs]" in r.stdout
+    assert "2 passed" in r.stdout and "overlay" not in r.stdout
