@@ -237,6 +237,11 @@ def host_config_from_flags(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[s
     anonymous: dict[str, Any] = {}
     for v in opts.get("volumes") or ():
         if ":" in v:
+            src, sep, rest = v.partition(":")
+            if src in (".", "..") or src.startswith(("./", "../")):
+                import os
+
+                v = os.path.abspath(src) + sep + rest  # docker >= 23 takes relative paths
             binds.append(v)
         else:
             anonymous[v] = {}
