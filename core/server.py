@@ -264,6 +264,10 @@ class _Connection:
     async def _send(self, event: Any) -> None:
         data = self.h11.send(event)
         if data:
+            # asyncio drops writes to a transport a failed write closed, silently: say
+            # so, or a streaming job (pull, logs) would never learn its client is gone
+            if self.writer.is_closing():
+                raise ConnectionResetError("the client closed the connection")
             self.writer.write(data)
             await self.writer.drain()
 

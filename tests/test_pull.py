@@ -435,7 +435,7 @@ def test_client_going_away_cancels_the_pull(
         f"oci:{lay}:gone",
         f"docker://{registry.host}/cancel/img:gone",
     )
-    proxy = SlowProxy(registry.port, rate=256 * 1024)
+    proxy = SlowProxy(registry.port, rate=64 * 1024)
     try:
         d = make_daemon(storage_driver="overlay")
         conn = http.client.HTTPConnection("localhost", timeout=120)
@@ -446,6 +446,8 @@ def test_client_going_away_cancels_the_pull(
         while line := resp.readline():
             if b"Downloading" in line:
                 break
+        conn.sock.shutdown(socket.SHUT_RDWR)  # the response's file object holds it open
+        resp.close()
         conn.close()
         root = Path(d.data_root) / "image" / "overlay" / "distribution"
         while list((root / "tmp").iterdir()):  # the pull notices at its next progress line

@@ -312,22 +312,20 @@ class Puller:
                         "cannot resume it"
                     )
                 repo.check(resp, f"fetching layer {desc.digest}")
-                buf = bytearray(READ)
-                view = memoryview(buf)
                 while True:
                     if self.cancel.is_set():
                         raise Cancelled("pull cancelled")
-                    n = resp.readinto(view)
-                    if not n:
+                    data = resp.read1(READ)
+                    if not data:
                         break
-                    got += n
+                    got += len(data)
                     if got > desc.size:
                         raise InvalidArgument(
                             f"filesystem layer verification failed for digest {desc.digest}: "
                             f"more than the {desc.size} bytes the manifest names"
                         )
-                    h.update(view[:n])
-                    spool.write(view[:n])
+                    h.update(data)
+                    spool.write(data)
                     self.progress.update("Downloading", sid, got, desc.size)
             except (OSError, TimeoutError) as e:
                 attempts += 1

@@ -217,6 +217,10 @@ class Response:
     def readinto(self, b: memoryview) -> int:
         return self.resp.readinto(b)
 
+    def read1(self, n: int) -> bytes:
+        """What has arrived, up to ``n`` bytes (one read: progress on slow links)."""
+        return self.resp.read1(n)
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.resp.close()
