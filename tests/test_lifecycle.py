@@ -61,7 +61,8 @@ def test_always_with_backoff_and_stop_by_hand(daemon: Daemon) -> None:
         times = [rfc3339_to_unix(t) for t in stamps]
         gaps = [b - a for a, b in itertools.pairwise(times)]
         # 100 ms, 200 ms, 400 ms... (each gap at least the delay, growing)
-        assert gaps[2] >= 0.35 and gaps[2] > gaps[0]
+        # lower bounds only: a loaded machine makes gaps longer, never shorter
+        assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.4
         ps = daemon.cli("ps", "-a", "--filter", f"id={cid}").stdout
         assert "Restarting" in ps or "Up" in ps or "Exited" in ps
         daemon.cli("stop", "-t", "1", cid)
