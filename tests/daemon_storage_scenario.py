@@ -88,6 +88,15 @@ def scenario(d: Any) -> None:
     assert {"greeting", "data/sub/f", "bin/sh"} <= {n.lstrip("./") for n in names}
     assert "bin/ls" not in {n.lstrip("./") for n in names}
     out_path.unlink()
+    # bad input: Docker's status and message, nothing stored
+    n_images = len(d.api("GET", "/images/json")[1])
+    code, err = d.api("POST", "/commit?container=work&changes=RUN%20rm%20-rf%20/")
+    assert code == 400 and "run is not a valid change command" in err["message"], err
+    code, err = d.api("POST", "/commit?container=work&tag=v1")
+    assert code == 400 and "repo" in err["message"], err
+    assert len(d.api("GET", "/images/json")[1]) == n_images
+    code, err = d.api("GET", "/containers/nope/changes")
+    assert code == 404 and "No such container: nope" in err["message"], err
     d.cli("rm", "work")
 
     # a running container: diff and commit while it runs (docker pauses; the layer is
