@@ -101,6 +101,8 @@ class HostConfigSpec(ResourcesSpec):
         from pallet.spec import normalize_capabilities, parse_security_opts
 
         self.check_resources()
+        if self.Memory and not self.MemorySwap and _swap_limit_supported():
+            self.MemorySwap = 2 * self.Memory  # Docker's default: as much swap as memory
         for field, value in (("CapAdd", self.CapAdd), ("CapDrop", self.CapDrop)):
             try:
                 normalize_capabilities(value)
@@ -135,6 +137,18 @@ class HostConfigSpec(ResourcesSpec):
                 )
         check_restart_policy(self.RestartPolicy, self.AutoRemove)
         return self
+
+
+def _swap_limit_supported() -> bool:
+    """Whether the kernel limits swap (v1 memsw files, or cgroup v2), as Docker's
+    sysinfo.SwapLimit."""
+    from pallet.cgroups import hierarchies
+
+    hier = hierarchies()
+    if hier.mode == "v2":
+        return True
+    mem = hier.v1.get(hier.controllers.get("memory", ""), "")
+    return bool(mem) and os.path.exists(os.path.join(mem, "memory.memsw.limit_in_bytes"))
 
 
 def check_restart_policy(policy: RestartPolicySpec | None, auto_remove: bool) -> None:

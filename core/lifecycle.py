@@ -133,7 +133,7 @@ class Lifecycle:
                     "the memoryswap at the same time"
                 )
             if old_swap in (0, 2 * old_mem):
-                new["MemorySwap"] = 0  # keep Docker's default of twice the memory
+                new["MemorySwap"] = 2 * changes["Memory"]  # Docker's default: twice
         if upd.RestartPolicy is not None and upd.RestartPolicy.Name:  # "": leave it
             check_restart_policy(upd.RestartPolicy, bool(hc.get("AutoRemove")))
             new["RestartPolicy"] = {
@@ -146,8 +146,12 @@ class Lifecycle:
         if c.running and changes:
             res = resources_for(new).model_dump(exclude_none=True)
             res["devices"] = []  # device rules are not updated
-            if "Memory" in changes and "MemorySwap" not in changes and new.get("MemorySwap"):
-                res.get("memory", {}).pop("swap", None)
+            if (
+                "Memory" in changes
+                and "MemorySwap" not in changes
+                and new.get("MemorySwap") != 2 * changes["Memory"]
+            ):
+                res.get("memory", {}).pop("swap", None)  # an explicit swap limit stays
             try:
                 await asyncio.to_thread(self.cgroup(c).apply, res)
             except OSError as e:

@@ -45,6 +45,7 @@ def test_memory_limits_in_cgroup_and_inspect(daemon: Daemon) -> None:
         assert int((mem / "memory.memsw.limit_in_bytes").read_text()) == 128 * MiB
         inspect = json.loads(daemon.cli("inspect", cid).stdout)[0]
         assert inspect["HostConfig"]["Memory"] == 64 * MiB
+        assert inspect["HostConfig"]["MemorySwap"] == 128 * MiB  # as docker inspect shows
     finally:
         daemon.cli("rm", "-f", cid)
     cid = run_d(daemon, "-m", "32m", "--memory-swap", "48m", "busybox", "sleep", "60")
@@ -173,6 +174,15 @@ def test_update_live(daemon: Daemon) -> None:
             1_500_000_000,
             20,
         )
+        # memory alone: the default swap (twice the memory) follows it
+        cid2 = run_d(daemon, "-m", "32m", "busybox", "sleep", "60")
+        try:
+            daemon.cli("update", "-m", "40m", cid2)
+            mem2 = cgroup_dir(daemon, cid2, "memory")
+            assert int((mem2 / "memory.limit_in_bytes").read_text()) == 40 * MiB
+            assert int((mem2 / "memory.memsw.limit_in_bytes").read_text()) == 80 * MiB
+        finally:
+            daemon.cli("rm", "-f", cid2)
         r = daemon.cli("update", "--restart", "on-failure:3", cid)
         hc = json.loads(daemon.cli("inspect", cid).stdout)[0]["HostConfig"]
         assert hc["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 3}
