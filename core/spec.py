@@ -302,12 +302,21 @@ ALL_CAPABILITIES = [
 
 
 def host_capabilities() -> list[str]:
-    """Every capability the running kernel knows (what ``--privileged`` gets)."""
+    """Every capability the running kernel knows and the daemon may hand on (its own
+    bounding set): what ``--privileged`` and ``--cap-add ALL`` get. A daemon in a
+    sandbox that lacks some would otherwise make runc's and crun's capset fail."""
     try:
         last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     except (OSError, ValueError):
         last = len(ALL_CAPABILITIES) - 1
-    return ALL_CAPABILITIES[: last + 1]
+    bounding = (1 << (last + 1)) - 1
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapBnd:"):
+                bounding = int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return [c for i, c in enumerate(ALL_CAPABILITIES[: last + 1]) if bounding >> i & 1]
 
 
 def normalize_capabilities(names: list[str] | None) -> list[str]:

@@ -5,6 +5,7 @@ users and groups, rlimits, devices, tmpfs, --init; bad input refused cleanly."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -428,3 +429,29 @@ def test_same_hardening_on_every_runtime(daemon: Daemon, runtime: str) -> None:
         "Seccomp": "2",
     }
     assert lines[4:9] == ["unshare-refused", "procsys-ro", "0", str(48 * 1024 * 1024), "30"]
+
+
+@pytest.mark.parametrize("runtime", ["native", "runc", "crun"])
+def test_privileged_on_every_runtime(daemon: Daemon, runtime: str) -> None:
+    """--privileged: every capability the daemon itself may hand on (a sandboxed
+    daemon lacks some), no seccomp, the host's devices."""
+    own = next(
+        line.split()[1]
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("CapBnd:")
+    )
+    r = daemon.cli(
+        "run",
+        "--rm",
+        "--runtime",
+        runtime,
+        "--privileged",
+        "busybox",
+        "sh",
+        "-c",
+        "grep -E '^(CapEff|Seccomp):' /proc/self/status; test -c /dev/tty0 && echo tty0",
+    )
+    lines = r.stdout.split("\n")
+    assert lines[0].split()[1] == own and lines[1].split()[1] == "0"
+    if os.path.exists("/dev/tty0"):
+        assert lines[2] == "tty0"
