@@ -25,6 +25,8 @@ from pallet.graph import Graph, apply_changes, canonical_json, format_time, pars
 from pallet.plugin_manager import PluginManager
 from pallet.reference import parse_tagged
 from pallet.storage import Kind, StorageDriver
+from pallet.testing.conformance import driver_env
+from pallet.testing.envs import ENVIRONMENTS, DriverEnv
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the graph's drivers need root")
 
@@ -35,7 +37,9 @@ def registered_drivers() -> list[type[StorageDriver]]:
     return sorted(pm.collect("pallet_storage_drivers_v1"), key=lambda c: c.name)
 
 
-DRIVERS = registered_drivers()
+# devmapper needs device-mapper: the Graph runs on it in the QEMU guest's daemon scenario
+# (tests/test_devmapper_guest.py)
+DRIVERS = [d for d in registered_drivers() if d.name != "devmapper"]
 
 
 # --- fixtures ------------------------------------------------------------------------
@@ -101,9 +105,12 @@ def driver_cls(request: pytest.FixtureRequest) -> type[StorageDriver]:
 class Env:
     """A graph on a driver under tmp_path, re-openable like a daemon restart."""
 
-    def __init__(self, cls: type[StorageDriver], tmp: Path) -> None:
+    def __init__(self, cls: type[StorageDriver], tmp: Path, env: DriverEnv | None = None) -> None:
         self.cls = cls
         self.tmp = tmp
+        # btrfs: the driver root on a btrfs filesystem (pallet.testing.envs)
+        self.driver_root = (env.base / tmp.name if env else tmp) / "driver"
+        self.options = env.options if env else {}
         self.hook = Recorder()
         self.driver: StorageDriver
         self.graph: Graph
@@ -111,12 +118,12 @@ class Env:
         self.open()
 
     def open(self) -> None:
-        opts = self.cls.Options()
+        opts = self.cls.Options.model_validate(self.options)
         try:
-            self.cls.probe(self.tmp / "driver", opts)
+            self.cls.probe(self.driver_root, opts)
         except PluginSkip as e:
             pytest.skip(e.reason)
-        self.driver = self.cls(self.tmp / "driver", opts)
+        self.driver = self.cls(self.driver_root, opts)
         self.graph = Graph(self.tmp / "graph", self.driver, self.hook)
 
     def close(self) -> None:
@@ -144,8 +151,13 @@ class Env:
 
 
 @pytest.fixture
-def env(driver_cls: type[StorageDriver], tmp_path: Path) -> Iterator[Env]:
-    e = Env(driver_cls, tmp_path)
+def env(
+    driver_cls: type[StorageDriver], tmp_path: Path, pallet_driver_envs: dict[str, Any]
+) -> Iterator[Env]:
+    special = driver_cls.name in ENVIRONMENTS
+    e = Env(
+        driver_cls, tmp_path, driver_env(pallet_driver_envs, driver_cls.name) if special else None
+    )
     try:
         yield e
         check_consistency(e.graph)

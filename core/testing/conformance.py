@@ -727,7 +727,8 @@ class DriverConformance:
     ) -> None:
         """A container's changes (A/C/D), its diff tar committed as a layer here and
         applied by the plain vfs snapshotter: both give the same tree."""
-        from pallet.plugins.storage_vfs.driver import VfsDriver
+        # the reference: the plain-copy driver, found as a plugin like any other
+        ref_cls = next(c for c in registered_drivers() if c.name == "vfs")
 
         d, mounted = storage_driver, snapshot_mounter
         base = add_layer(d, None, BASE, tmp_path)
@@ -759,7 +760,7 @@ class DriverConformance:
         committed = add_layer(d, base, layer, tmp_path)
         with mounted(d.view("v", committed)) as root:
             assert_same_tree(user_entries(fingerprint(root)), expected)
-        other = VfsDriver(tmp_path / "vfs", VfsDriver.Options())
+        other = ref_cls(tmp_path / "vfs", ref_cls.Options())
         try:
             obase = add_layer(other, None, BASE, tmp_path)
             ocommitted = add_layer(other, obase, layer, tmp_path)
