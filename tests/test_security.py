@@ -455,3 +455,17 @@ def test_privileged_on_every_runtime(daemon: Daemon, runtime: str) -> None:
     assert lines[0].split()[1] == own and lines[1].split()[1] == "0"
     if os.path.exists("/dev/tty0"):
         assert lines[2] == "tty0"
+
+
+def test_device_cgroup_rule(daemon: Daemon) -> None:
+    if not os.path.exists("/dev/loop0"):
+        pytest.skip("no /dev/loop0 on this machine")
+    script = "mknod /tmp/l b 7 0 && head -c 0 /tmp/l && echo opened"
+    r = daemon.cli("run", "--rm", "busybox", "sh", "-c", script, check=False)
+    assert "opened" not in r.stdout and "Operation not permitted" in r.stderr
+    r = daemon.cli(
+        "run", "--rm", "--device-cgroup-rule", "b 7:* rwm", "busybox", "sh", "-c", script
+    )
+    assert r.stdout == "opened\n"
+    r = daemon.cli("create", "--device-cgroup-rule", "x 1:2", "busybox", check=False)
+    assert r.returncode == 125 and "invalid device cgroup format 'x 1:2'" in r.stderr
