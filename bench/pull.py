@@ -265,6 +265,7 @@ def main() -> None:
         seq_t: list[float] = []
         docker_t: list[float] = []
         pallet = str(BIN / "pallet")
+        seen: dict[str, int] = {}  # how much of each daemon log was shown
         for i in range(args.n):
             pallet_t.append(timed([pallet, "pull", "-q", ref], penv, [pallet, "rmi", ref]))
             docker_t.append(timed(["docker", "pull", "-q", ref], denv, ["docker", "rmi", ref]))
@@ -277,10 +278,11 @@ def main() -> None:
                 for name in ("pallet", "pallet-seq"):
                     logf = tmp / f"{name}.log"
                     if logf.exists():
-                        lines = logf.read_text(errors="replace").splitlines()
+                        text = logf.read_bytes()
+                        new, seen[name] = text[seen.get(name, 0) :], len(text)
+                        lines = new.decode(errors="replace").splitlines()
                         keep = [x for x in lines if "pallet.distribution" in x and "layer " in x]
-                        print(f"  {name}:", *keep[-15:], sep="\n    ")
-                        logf.write_text("")
+                        print(f"  {name}:", *keep, sep="\n    ")
         pm, dm = statistics.median(pallet_t), statistics.median(docker_t)
         print(f"pallet pull  median {pm:.2f} s  ({', '.join(f'{t:.2f}' for t in pallet_t)})")
         print(f"docker pull  median {dm:.2f} s  ({', '.join(f'{t:.2f}' for t in docker_t)})")

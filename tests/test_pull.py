@@ -191,6 +191,8 @@ def test_push_read_by_skopeo_and_pull_back(
     daemon.cli("tag", "busybox:latest", other)
     r = daemon.cli("push", other)
     assert "Mounted from pallet/busybox" in r.stdout, r.stdout
+    for tmp in Path(daemon.data_root).glob("image/*/distribution/tmp"):
+        assert list(tmp.iterdir()) == []
     # pulled back by a fresh daemon: the same image ID
     local_id = json.loads(daemon.cli("inspect", name).stdout)[0]["Id"]
     fresh = make_daemon(storage_driver="vfs")

@@ -101,11 +101,15 @@ def blob_for_layer(graph: Graph, content: Content, info: LayerInfo) -> tuple[Lay
             return b, info.diff_id
     for b in content.blobs_of(info.diff_id):  # kept, but not gzip: recompress it exactly
         tmp = content.tmp_path("gz-")
-        with open(content.path(b.digest), "rb") as src, archive.decompressed(src) as raw:
-            with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
-                while chunk := raw.read(CHUNK):
-                    gz.write(chunk)
-        return content.add_file(tmp, info.diff_id, mf.DOCKER_LAYER), info.diff_id
+        try:
+            with open(content.path(b.digest), "rb") as src, archive.decompressed(src) as raw:
+                with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+                    while chunk := raw.read(CHUNK):
+                        gz.write(chunk)
+            return content.add_file(tmp, info.diff_id, mf.DOCKER_LAYER), info.diff_id
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     tmp = content.tmp_path("gz-")
     try:
         with open(tmp, "wb") as f:
