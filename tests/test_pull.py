@@ -460,3 +460,29 @@ def test_client_going_away_cancels_the_pull(
         assert len(d.api("GET", "/images/json")[1]) == 1
     finally:
         proxy.close()
+
+
+def test_docker_sdk_pull_push_save_load(daemon: Any, registry: Registry, layout: Path) -> None:
+    """The docker Python SDK drives pull, push, save and load unchanged."""
+    import docker
+
+    client = docker.DockerClient(base_url=daemon.host, version="1.44", timeout=120)
+    try:
+        img = client.images.pull(f"{registry.host}/interop/bb", tag="v1")
+        assert f"{registry.host}/interop/bb:v1" in img.tags
+        assert img.attrs["RootFS"]["Layers"] and img.attrs["RepoDigests"]
+        img.tag(f"{registry.host}/sdk/pushed", tag="s1")
+        lines = list(
+            client.images.push(f"{registry.host}/sdk/pushed", tag="s1", stream=True, decode=True)
+        )
+        assert any("aux" in m and m["aux"]["Tag"] == "s1" for m in lines), lines
+        assert not any("error" in m for m in lines)
+        data = b"".join(img.save(named=True))
+        client.images.remove(f"{registry.host}/sdk/pushed:s1")
+        client.images.remove(f"{registry.host}/interop/bb:v1", force=True)
+        loaded = client.images.load(data)
+        assert loaded[0].id == img.id
+        with pytest.raises(docker.errors.NotFound):
+            client.images.pull(f"{registry.host}/interop/bb", tag="nope")
+    finally:
+        client.close()
