@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFORMANCE = sorted(n for n in dir(DriverConformance) if n.startswith("test_"))
 OWN = [
     "test_devmapper_devices_and_persisted_ids",
+    "test_devmapper_restart_after_a_crash",
     "test_devmapper_full_pool_is_a_clear_error",
     "test_devmapper_daemon_run_diff_commit_export",
 ]

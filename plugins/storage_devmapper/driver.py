@@ -171,6 +171,8 @@ class DevmapperDriver(StorageDriver):
             pool = f"{self.prefix}-pool"
             if not self._exists(pool):
                 self._create_pool(pool)
+            else:  # left active by a daemon that did not stop cleanly: adopt its loops
+                self._loops = self._pool_loops(pool)
         if self._pool_value("base_made") is None:
             self._make_base(pool)
         return pool
@@ -210,6 +212,20 @@ class DevmapperDriver(StorageDriver):
         except OSError:
             self._detach_loops()
             raise
+
+    def _pool_loops(self, pool: str) -> list[str]:
+        """The loop devices (data, metadata) under ``pool`` backed by this root's files."""
+        fields = _run("dmsetup", "table", pool).split()
+        loops = []
+        for mm in (fields[4], fields[3]):  # data, metadata
+            sysdir = f"/sys/dev/block/{mm}"
+            try:
+                backing = Path(f"{sysdir}/loop/backing_file").read_text().strip()
+            except OSError:
+                continue
+            if backing.startswith(str(self.root) + "/"):
+                loops.append("/dev/" + os.path.basename(os.path.realpath(sysdir)))
+        return loops
 
     def _detach_loops(self) -> None:
         for dev in self._loops:
