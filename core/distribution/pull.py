@@ -458,7 +458,9 @@ class Puller:
                 )
 
         try:
-            for n, (_i, desc) in enumerate(jobs):
+            # largest first: the longest unpack starts at once instead of ending the pull
+            by_size = sorted(jobs, key=lambda j: -j[1].size)
+            for n, (_i, desc) in enumerate(by_size):
                 sp = Spool(self.content.tmp_path(), desc.digest, desc.size, self.cancel)
                 spools[desc.digest] = sp
                 target = self.content.tmp_path("unpack-")
