@@ -25,7 +25,7 @@ from pallet.graph import Graph, apply_changes, canonical_json, format_time, pars
 from pallet.plugin_manager import PluginManager
 from pallet.reference import parse_tagged
 from pallet.storage import Kind, StorageDriver
-from pallet.testing.conformance import driver_env
+from pallet.testing.conformance import DriverEnvs, driver_env
 from pallet.testing.envs import ENVIRONMENTS, DriverEnv
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the graph's drivers need root")
@@ -152,7 +152,7 @@ class Env:
 
 @pytest.fixture
 def env(
-    driver_cls: type[StorageDriver], tmp_path: Path, pallet_driver_envs: dict[str, Any]
+    driver_cls: type[StorageDriver], tmp_path: Path, pallet_driver_envs: DriverEnvs
 ) -> Iterator[Env]:
     special = driver_cls.name in ENVIRONMENTS
     e = Env(

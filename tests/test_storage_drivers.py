@@ -23,6 +23,7 @@ from pallet.testing import envs
 from pallet.testing.conformance import (
     BASE,
     DriverConformance,
+    DriverEnvs,
     DriverFactory,
     Mounter,
     add_layer,
@@ -58,7 +59,7 @@ DIR_DRIVERS = ["vfs", "overlay", "btrfs"]  # built on pallet.snapshots.DirSnapsh
 
 @pytest.fixture(params=DIR_DRIVERS)
 def driver(
-    request: pytest.FixtureRequest, pallet_driver_envs: dict[str, Any]
+    request: pytest.FixtureRequest, pallet_driver_envs: DriverEnvs
 ) -> Iterator[StorageDriver]:
     cls = _cls(request.param)
     f = DriverFactory(cls, driver_env(pallet_driver_envs, cls.name))

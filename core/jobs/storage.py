@@ -109,7 +109,7 @@ class StorageJobs:
                 config=body,
             )
         finally:
-            if paused:
+            if paused and lifecycle is not None:
                 with contextlib.suppress(PalletError):
                     await lifecycle.unpause(c)
         return {"Id": image_id}

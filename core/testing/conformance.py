@@ -83,29 +83,36 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("storage_driver_cls", classes, ids=[c.name for c in classes])
 
 
+class DriverEnvs:
+    """The session's driver environments, each made on first use (a btrfs filesystem on
+    a loop device...) and torn down at the end of the session."""
+
+    def __init__(self, stack: contextlib.ExitStack, scratch: Path) -> None:
+        self.stack = stack
+        self.scratch = scratch
+        self.made: dict[str, DriverEnv] = {}
+
+    def get(self, name: str) -> DriverEnv:
+        if name not in self.made:
+            where = self.scratch / name
+            factory = ENVIRONMENTS.get(name)
+            if factory is None:
+                where.mkdir(parents=True, exist_ok=True)
+                self.made[name] = DriverEnv(where)
+            else:
+                self.made[name] = self.stack.enter_context(factory(where))
+        return self.made[name]
+
+
 @pytest.fixture(scope="session")
-def pallet_driver_envs(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[dict[str, DriverEnv]]:
-    """Environments made on first use, torn down at the end of the session."""
-    envs: dict[str, DriverEnv] = {}
+def pallet_driver_envs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DriverEnvs]:
     with contextlib.ExitStack() as stack:
-        envs["__stack__"] = stack  # type: ignore[assignment]
-        envs["__tmp__"] = tmp_path_factory.mktemp("pallet-envs")  # type: ignore[assignment]
-        yield envs
+        yield DriverEnvs(stack, tmp_path_factory.mktemp("pallet-envs"))
 
 
-def driver_env(envs: dict[str, Any], name: str) -> DriverEnv:
-    if name not in envs:
-        scratch: Path = envs["__tmp__"] / name
-        factory = ENVIRONMENTS.get(name)
-        if factory is None:
-            scratch.mkdir(parents=True, exist_ok=True)
-            envs[name] = DriverEnv(scratch)
-        else:
-            envs[name] = envs["__stack__"].enter_context(factory(scratch))
-    env: DriverEnv = envs[name]
-    return env
+def driver_env(envs: DriverEnvs, name: str) -> DriverEnv:
+    """The environment drivers named ``name`` run in (see :mod:`pallet.testing.envs`)."""
+    return envs.get(name)
 
 
 class DriverFactory:
@@ -142,7 +149,7 @@ class DriverFactory:
 
 @pytest.fixture
 def storage_drivers(
-    storage_driver_cls: type[StorageDriver], pallet_driver_envs: dict[str, Any]
+    storage_driver_cls: type[StorageDriver], pallet_driver_envs: DriverEnvs
 ) -> Iterator[DriverFactory]:
     f = DriverFactory(storage_driver_cls, driver_env(pallet_driver_envs, storage_driver_cls.name))
     try:
