@@ -48,8 +48,8 @@ def render(table: str, networks: list[NetworkInfo], endpoints: list[EndpointInfo
         if others:
             forward.append(f"iifname {br} oifname {{ {', '.join(others)} }} drop")
     for ep in endpoints:
-        n = by_id.get(ep.network_id)
-        if n is None or n.internal or not ep.address:
+        net = by_id.get(ep.network_id)
+        if net is None or net.internal or not ep.address:
             continue
         for p in ep.ports:
             match = f"ip daddr {p.host_ip} " if p.host_ip not in ("", "0.0.0.0") else ""
