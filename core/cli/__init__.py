@@ -79,7 +79,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logout": ("pallet.cli.distribution:logout", "Log out from a registry."),
     "save": (
         "pallet.cli.distribution:save",
-        "Save one or more images to a tar archive (streamed to STDOUT by default).",
+        "Save images to a tar archive (STDOUT by default).",
     ),
     "load": ("pallet.cli.distribution:load", "Load an image from a tar archive or STDIN."),
     "history": ("pallet.cli.distribution:history", "Show the history of an image."),

@@ -192,9 +192,7 @@ def logout(server: str | None) -> None:
     os.replace(tmp, path)
 
 
-@click.command(
-    short_help="Save one or more images to a tar archive (streamed to STDOUT by default)."
-)
+@click.command(short_help="Save images to a tar archive (STDOUT by default).")
 @click.option("-o", "--output", default=None, help="Write to a file, instead of STDOUT.")
 @click.argument("images", nargs=-1, required=True)
 def save(output: str | None, images: tuple[str, ...]) -> None:
