@@ -18,6 +18,7 @@ import gzip
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,11 @@ mkdir -p /newroot/var/tmp
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
 mount -t tmpfs -o mode=1777 tmpfs /newroot/var/tmp
+# The checkout (and its venv) may live under a directory the tmpfs mounts just hid
+# (CI clones anywhere, /tmp included): bind those paths back from the host.
+for p in $(cat /keep); do
+  case "$p" in /tmp/*|/run/*|/var/tmp/*) mkdir -p "/newroot$p"; mount --bind "/host$p" "/newroot$p";; esac
+done
 mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/shm /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
@@ -71,6 +77,8 @@ poweroff -f
 """
 
 MODULES = ["virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "loop"]
+# Host paths the guest must see even under its tmpfs mounts: this checkout and the venv.
+KEEP = sorted({str(Path(__file__).resolve().parents[2]), sys.prefix})
 
 
 def kernel_version() -> str | None:
@@ -126,6 +134,7 @@ def build_initramfs(version: str, out: Path) -> None:
     shutil.copy2("/bin/busybox", stage / "bin/busybox")
     (stage / "init").write_text(INIT)
     (stage / "init").chmod(0o755)
+    (stage / "keep").write_text("\n".join(KEEP) + "\n")
     for name in order:
         src = f"/lib/modules/{version}/{paths[name]}"
         data = Path(src).read_bytes()
@@ -170,7 +179,9 @@ class GuestRun:
         if version is None:
             raise RuntimeError(missing() or "no guest kernel")
         workdir.mkdir(parents=True, exist_ok=True)
-        tag = hashlib.sha256((version + INIT + " ".join(MODULES)).encode()).hexdigest()[:12]
+        tag = hashlib.sha256(
+            (version + INIT + " ".join(MODULES) + " ".join(KEEP)).encode()
+        ).hexdigest()[:12]
         initrd = workdir / f"initramfs-{tag}.gz"
         if not initrd.exists():
             build_initramfs(version, initrd)
