@@ -91,10 +91,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "List port mappings or a specific mapping for the container.",
     ),
     # storage (graph operations on containers)
-    "diff": (
-        "pallet.cli.storage:diff",
-        "Inspect changes to files or directories on a container's filesystem.",
-    ),
+    "diff": ("pallet.cli.storage:diff", "Inspect changes on a container's filesystem."),
     "commit": ("pallet.cli.storage:commit", "Create a new image from a container's changes."),
     "export": ("pallet.cli.storage:export", "Export a container's filesystem as a tar archive."),
     # system

@@ -10,7 +10,7 @@ from pallet.cli._common import _client, _fail, split_reference
 _KINDS = {0: "C", 1: "A", 2: "D"}
 
 
-@click.command(short_help="Inspect changes to files or directories on a container's filesystem.")
+@click.command(short_help="Inspect changes on a container's filesystem.")
 @click.argument("container")
 def diff(container: str) -> None:
     for ch in _client().get(f"/containers/{container}/changes") or []:
