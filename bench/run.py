@@ -71,6 +71,14 @@ def once(cmd: list[str], env: dict[str, str]) -> float:
     return dt
 
 
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def stats(samples: list[float]) -> tuple[float, float]:
     ordered = sorted(samples)
     return statistics.median(ordered), ordered[max(0, int(len(ordered) * 0.9) - 1)]
@@ -335,6 +343,8 @@ def main() -> None:
             print(f"backend [{rt}] alone, at the monitor level (no daemon):")
             for k, v in alone[rt].items():
                 line(k, v)
+        time.sleep(1)
+        print(f"\npalletd idle RSS after the runs: {rss_kib(daemon.pid) / 1024:.1f} MiB")
         if ref is None:
             print("\nreference: dockerd not installed (apt-get install docker.io): no ratio")
         else:
