@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import click
 
 if TYPE_CHECKING:
-    from pallet.client import Client
+    from pallet.client import Client, Hijacked
 
 
 class _State:
@@ -110,3 +110,36 @@ def tagged_reference(ref: str) -> str:
     if "@" in ref or tag:
         return ref
     return f"{name}:latest"
+
+
+def pump_output(conn: Hijacked, tty: bool) -> None:
+    """Copy the attach stream to our stdout/stderr until the daemon closes it."""
+    from pallet.streams import STDERR, STDOUT, FrameDecoder
+
+    out = _binary(sys.stdout)
+    err = _binary(sys.stderr)
+    raw = tty and conn.multiplexed is not True
+    decoder = FrameDecoder()
+    while True:
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            break
+        if not data:
+            break
+        if raw:
+            out.write(data)
+            out.flush()
+            continue
+        for stream, payload in decoder.feed(data):
+            target = out if stream == STDOUT else err if stream >= STDERR else None
+            if target is not None:
+                target.write(payload)
+                target.flush()
+
+
+def _binary(stream: IO[str]) -> IO[bytes]:
+    """The byte stream under a text stream (flushed first)."""
+    buf = getattr(stream, "buffer", None)
+    stream.flush()
+    return buf if buf is not None else stream  # type: ignore[return-value]

@@ -11,11 +11,13 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 from pallet.cli._common import (
+    _binary,
     _client,
     _each,
     _err,
     _fail,
     _filters,
+    pump_output,
     split_reference,
     tagged_reference,
 )
@@ -257,38 +259,6 @@ def _stdin_pump(conn: Hijacked) -> None:
         conn.close_write()
 
 
-def _pump_output(conn: Hijacked, tty: bool) -> None:
-    """Copy the attach stream to our stdout/stderr until the daemon closes it."""
-    from pallet.streams import STDERR, STDOUT, FrameDecoder
-
-    out = _binary(sys.stdout)
-    err = _binary(sys.stderr)
-    raw = tty and conn.multiplexed is not True
-    decoder = FrameDecoder()
-    while True:
-        try:
-            data = conn.recv(65536)
-        except OSError:
-            break
-        if not data:
-            break
-        if raw:
-            out.write(data)
-            out.flush()
-            continue
-        for stream, payload in decoder.feed(data):
-            target = out if stream == STDOUT else err if stream >= STDERR else None
-            if target is not None:
-                target.write(payload)
-                target.flush()
-
-
-def _binary(stream: IO[str]) -> IO[bytes]:
-    buf = getattr(stream, "buffer", None)
-    stream.flush()
-    return buf if buf is not None else stream  # type: ignore[return-value]
-
-
 class _SignalProxy:
     """docker's --sig-proxy: signals the CLI gets are sent to the container."""
 
@@ -399,7 +369,7 @@ def _attach_wait_start(
 
                     threading.Thread(target=_stdin_pump, args=(conn,), daemon=True).start()
                 if session is None:
-                    _pump_output(conn, tty)
+                    pump_output(conn, tty)
             finally:
                 if session is not None:
                     session.close()

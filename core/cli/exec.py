@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import click
-from pallet.cli._common import _client, _err
+from pallet.cli._common import _client, _err, pump_output
 
 if TYPE_CHECKING:
     from pallet.client import Client, Hijacked
@@ -129,39 +129,8 @@ def stream_session(conn: Hijacked, *, tty: bool, stdin: bool, detach_keys: bytes
 
     if stdin:
         threading.Thread(target=pump_stdin, daemon=True).start()
-    _copy_output(conn, tty)
+    pump_output(conn, tty)
     return state["detached"]
-
-
-def _copy_output(conn: Hijacked, tty: bool) -> None:
-    from pallet.streams import STDERR, STDOUT, FrameDecoder
-
-    out = _binary(sys.stdout)
-    err = _binary(sys.stderr)
-    raw = tty and conn.multiplexed is not True
-    decoder = FrameDecoder()
-    while True:
-        try:
-            data = conn.recv(65536)
-        except OSError:
-            break
-        if not data:
-            break
-        if raw:
-            out.write(data)
-            out.flush()
-            continue
-        for stream, payload in decoder.feed(data):
-            target = out if stream == STDOUT else err if stream >= STDERR else None
-            if target is not None:
-                target.write(payload)
-                target.flush()
-
-
-def _binary(stream: Any) -> Any:
-    buf = getattr(stream, "buffer", None)
-    stream.flush()
-    return buf if buf is not None else stream
 
 
 def _detach_keys(value: str | None) -> bytes:
