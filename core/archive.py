@@ -755,43 +755,9 @@ def _unpack_in_child(reader: _Reader, target: Path, whiteouts: WhiteoutFormat) -
     """Unpack in a child process chrooted into ``target`` (:mod:`pallet.untar`), fed the
     uncompressed stream through a pipe: off the daemon's GIL, and a layer's paths cannot
     name anything outside ``target`` even if a check were missed. Returns the size."""
-    import json
-    import sys
+    from pallet.untar import run_child
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pallet.untar", str(target), whiteouts],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        close_fds=True,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        try:
-            while chunk := reader.read(_CHUNK):
-                proc.stdin.write(chunk)
-        except BrokenPipeError:
-            pass  # the child stopped reading: its report says why
-        finally:
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
-        out = proc.stdout.read()
-        rc = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        proc.stdout.close()
-    try:
-        report = json.loads(out or b"{}")
-    except ValueError:
-        report = {}
-    if rc == 0 and "size" in report:
-        return int(report["size"])
-    msg = report.get("error") or f"layer unpacker exited with status {rc}"
-    if report.get("kind") == "os":
-        raise OSError(report.get("errno") or errno.EIO, msg)
-    raise InvalidArgument(msg)
+    return int(run_child(reader, target, whiteouts)["size"])
 
 
 # The one place that decides where unpacking runs: a chrooted child process reading the

@@ -18,7 +18,7 @@ import json
 import os
 import socket
 from collections.abc import Iterable, Iterator, Mapping
-from typing import IO, Any
+from typing import IO, Any, Self
 
 DEFAULT_HOST = "unix:///run/pallet.sock"
 API_VERSION = "1.44"
@@ -224,7 +224,25 @@ def _read_head(reader: _Reader) -> tuple[int, str, dict[str, str]]:
     raise ProtocolError("too many HTTP headers")
 
 
-class Response:
+class _Socket:
+    """Owns a socket: ``close`` and ``with`` close it."""
+
+    sock: socket.socket
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Response(_Socket):
     """An HTTP response whose body is read on demand (whole, in pieces, or as JSON)."""
 
     def __init__(
@@ -349,20 +367,8 @@ class Response:
         if buf:
             raise ProtocolError(f"truncated JSON at the end of the stream: {buf[:80]!r}")
 
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
-    def __enter__(self) -> Response:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Hijacked:
+class Hijacked(_Socket):
     """A connection taken over after ``101 UPGRADED``: raw bytes both ways."""
 
     def __init__(self, sock: socket.socket, pending: bytes, headers: dict[str, str]) -> None:
@@ -375,11 +381,8 @@ class Hijacked:
     def multiplexed(self) -> bool | None:
         """What the Content-Type says about framing (``None`` if it says nothing)."""
         ctype = self.headers.get("content-type", "")
-        if "multiplexed-stream" in ctype:
-            return True
-        if "raw-stream" in ctype:
-            return None  # older daemons say raw-stream for both: ask the container's Tty
-        return None
+        # "raw-stream" proves nothing: older daemons say it for both; ask the container's Tty.
+        return True if "multiplexed-stream" in ctype else None
 
     def recv(self, size: int = _RECV) -> bytes:
         if self._pending:
@@ -402,18 +405,6 @@ class Hijacked:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self) -> Hijacked:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------- errors

@@ -76,16 +76,17 @@ def _unpack(archive: Any, stream: Any, whiteouts: str) -> int:
     raise AssertionError("unreachable")
 
 
-def unpack_compressed(reader: Any, target: Path, whiteouts: str) -> tuple[str, int]:
-    """Run the child on ``target`` with a compressed layer stream from ``reader`` (in
-    the caller's thread: it only copies bytes); returns (diff ID, size). The child
-    decompresses, hashes and unpacks, so a layer costs the daemon no CPU."""
+def run_child(reader: Any, target: Path, whiteouts: str, *extra: str) -> dict[str, Any]:
+    """Run the chrooted unpacker on ``target``, feed it ``reader``'s bytes through a pipe
+    (in the caller's thread: it only copies), and return its report. A failure is
+    raised as the child reported it: ``OSError`` for the file system, else
+    ``InvalidArgument`` naming what is wrong with the layer."""
     import subprocess
 
     from pallet.errors import InvalidArgument
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pallet.untar", str(target), whiteouts, "--compressed"],
+        [sys.executable, "-m", "pallet.untar", str(target), whiteouts, *extra],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         close_fds=True,
@@ -96,7 +97,7 @@ def unpack_compressed(reader: Any, target: Path, whiteouts: str) -> tuple[str, i
             while chunk := reader.read(1 << 20):
                 proc.stdin.write(chunk)
         except BrokenPipeError:
-            pass
+            pass  # the child stopped reading: its report says why
         finally:
             try:
                 proc.stdin.close()
@@ -114,12 +115,19 @@ def unpack_compressed(reader: Any, target: Path, whiteouts: str) -> tuple[str, i
         report = json.loads(out or b"{}")
     except ValueError:
         report = {}
-    if rc == 0 and "diff_id" in report:
-        return str(report["diff_id"]), int(report["size"])
+    if rc == 0 and "size" in report:
+        return dict(report)
     msg = report.get("error") or f"layer unpacker exited with status {rc}"
     if report.get("kind") == "os":
         raise OSError(report.get("errno") or 5, msg)
     raise InvalidArgument(msg)
+
+
+def unpack_compressed(reader: Any, target: Path, whiteouts: str) -> tuple[str, int]:
+    """Unpack a compressed layer stream in the child, which decompresses, hashes and
+    unpacks, so a layer costs the daemon no CPU; returns (diff ID, size)."""
+    report = run_child(reader, target, whiteouts, "--compressed")
+    return str(report["diff_id"]), int(report["size"])
 
 
 if __name__ == "__main__":

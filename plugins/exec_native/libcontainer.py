@@ -831,20 +831,9 @@ def _init(plan: _Plan, stdio: Stdio, status_w: int, sync_r: int) -> NoReturn:  #
         if not os.read(sync_r, 1):  # the monitor went away: never exec
             os._exit(125)
         os.close(sync_r)
-        if plan.no_new_privs:
-            init.step = "set no_new_privs"
-            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        init.step = "exec"
-        try:
-            os.execve(path, plan.args, env)
-        except OSError as e:
-            code = 127 if e.errno == errno.ENOENT else 126 if e.errno in _EXEC_126 else 125
-            raise _StepError(f'exec: "{plan.args[0]}": {e.strerror}', code) from None
-    except _StepError as e:
-        code = e.code
-        _try_send(status_w, {"error": e.message, "code": e.code})
+        _exec_program(init, plan, path, env)
     except BaseException as e:
-        _try_send(status_w, {"error": f"{init.step}: {_reason(e)}", "code": 125})
+        code = _report_failure(init, status_w, e)
     os._exit(code)
 
 
@@ -1112,18 +1101,30 @@ def _exec_process(plan: _Plan, stdio: Stdio, status_w: int) -> NoReturn:  # prag
         _setup_terminal(init)
         init.process_attrs()
         path, env = init.resolve()
-        if plan.no_new_privs:
-            init.step = "set no_new_privs"
-            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        init.step = "exec"
-        try:
-            os.execve(path, plan.args, env)
-        except OSError as e:
-            code = 127 if e.errno == errno.ENOENT else 126 if e.errno in _EXEC_126 else 125
-            raise _StepError(f'exec: "{plan.args[0]}": {e.strerror}', code) from None
-    except _StepError as e:
-        code = e.code
-        _try_send(status_w, {"error": e.message, "code": e.code})
+        _exec_program(init, plan, path, env)
     except BaseException as e:
-        _try_send(status_w, {"error": f"{init.step}: {_reason(e)}", "code": 125})
+        code = _report_failure(init, status_w, e)
     os._exit(code)
+
+
+def _exec_program(init: _Init, plan: _Plan, path: str, env: dict[str, str]) -> NoReturn:
+    """The last steps of the container's init and of an exec: no_new_privs, execve.
+    Exec errors get Docker's exit codes (127 not found, 126 not executable)."""
+    if plan.no_new_privs:
+        init.step = "set no_new_privs"
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    init.step = "exec"
+    try:
+        os.execve(path, plan.args, env)
+    except OSError as e:
+        code = 127 if e.errno == errno.ENOENT else 126 if e.errno in _EXEC_126 else 125
+        raise _StepError(f'exec: "{plan.args[0]}": {e.strerror}', code) from None
+
+
+def _report_failure(init: _Init, status_w: int, e: BaseException) -> int:
+    """Tell the monitor which step failed and why; the exit code to use."""
+    if isinstance(e, _StepError):
+        _try_send(status_w, {"error": e.message, "code": e.code})
+        return e.code
+    _try_send(status_w, {"error": f"{init.step}: {_reason(e)}", "code": 125})
+    return 125
